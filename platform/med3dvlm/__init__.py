@@ -1,0 +1,1 @@
+"""med3dvlm: the library (models, data, training loops, metrics). Never starts Ray on import."""

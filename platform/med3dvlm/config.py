@@ -1,0 +1,256 @@
+"""One config system: typed dataclasses, named presets, YAML files and `key=value` overrides.
+
+    cfg = load_config("tiny", ["model.encoder=nano", "train.stage1.lr=3e-4"])
+
+Presets are plain functions returning a complete config (torchtitan style):
+`tiny` (CPU/CI, seconds), `m3d` (M3D's 32x256x256 input) and `paper` (Med3DVLM's run, 128x256x256).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    shape: tuple[int, int, int] = (32, 256, 256)  # (D, H, W) after preprocessing
+    dtype: str = "uint8"  # "uint8" (default) or "float16" in the shards
+    window: tuple[float, float] = (400.0, 40.0)  # HU window (width, level) for raw CT
+    window_mode: str = "auto"  # "auto": DICOM CT and NIfTI with air (<= -500) get the window; "always"; "never"
+    rows_per_shard: int = 64
+    row_group_size: int = 16  # volumes per Parquet row group (8-32)
+    case_split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # leak-free train/validation/test fractions by case
+    max_file_bytes: int = 2 << 30  # inputs larger than this are quarantined, never read
+
+
+@dataclass
+class LossConfig:
+    """Sigmoid (SigLIP) loss; defaults are the Med3DVLM code's, `siglip` preset in `paper_siglip_loss`."""
+
+    t_init: float = math.log(1 / 0.07)  # log-temperature t'; t = exp(t')
+    b_init: float = 0.0
+    learn_t: bool = True
+    learn_b: bool = True
+    symmetric: bool = True  # logits = (L + L^T) / 2, as the reference code
+    t_max: float = 0.0  # clamp t' at this value when > 0 (0: no clamp, as the reference)
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "small"  # DCFormer variant: nano, naive, tiny, small, base
+    stem_act: bool = False  # reference: no activation in the stem
+    embed_dim: int = 768  # stage-1 joint embedding width
+    text_encoder: str = "minilm"  # "minilm" (packaged offline), "tiny-bert" (built from config) or a local path
+    text_max_len: int = 512
+    loss: LossConfig = field(default_factory=LossConfig)
+    # projector
+    image_tokens: int = 256  # total visual tokens given to the LLM (half per stream)
+    mixer_depth: int = 2
+    # LLM
+    llm: str = "tiny-qwen2"  # "tiny-qwen2" (built from config, MiniLM tokenizer) or a local path to an HF causal LM
+    llm_hidden: int = 64  # only for tiny-qwen2
+    llm_layers: int = 2
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    max_len: int = 512  # all tokens, image tokens included
+    splice: str = "exact"  # "exact" or "m3d_legacy"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    trainable: str = "paper"  # "paper" or "released_code"
+
+
+@dataclass
+class StageConfig:
+    batch_size: int = 8  # per worker
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 caps the number of steps
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 2
+    offload: bool = False
+    bf16: bool = True  # only on GPU; CPU always runs fp32
+    seed: int = 42
+    checkpoint_every: int = 0  # steps; 0: at the end of every epoch
+    fail_at_step: int = -1  # fault injection for tests: rank 0 raises once at this step
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(batch_size=64, lr=1e-4, weight_decay=0.1, epochs=100))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(batch_size=16, lr=1e-4, epochs=3))
+    stage3: StageConfig = field(default_factory=lambda: StageConfig(batch_size=8, lr=5e-5, epochs=5))
+
+
+@dataclass
+class Config:
+    name: str = "paper"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def stage(self, n: int) -> StageConfig:
+        return getattr(self.train, f"stage{n}")
+
+
+# ---------------------------------------------------------------- presets
+
+
+def paper() -> Config:
+    """Med3DVLM's run: DCFormer-small at 128x256x256, ClinicalBERT-style text tower, Qwen2.5-7B-Instruct."""
+    cfg = Config(name="paper")
+    cfg.data.shape = (128, 256, 256)
+    cfg.model.text_encoder = "/models/ClinicalBERT"  # a local path the user gives
+    cfg.model.llm = "/models/Qwen2.5-7B-Instruct"
+    cfg.train.use_gpu = True
+    cfg.train.num_workers = 8
+    return cfg
+
+
+def m3d() -> Config:
+    """M3D's input shape (32x256x256), otherwise the paper's settings."""
+    cfg = paper()
+    cfg.name = "m3d"
+    cfg.data.shape = (32, 256, 256)
+    return cfg
+
+
+def tiny() -> Config:
+    """CPU/CI: a nano encoder at 32x64x64, the packaged MiniLM text tower, a 2-layer Qwen2; seconds per stage."""
+    cfg = Config(name="tiny")
+    cfg.data.shape = (32, 64, 64)
+    cfg.data.rows_per_shard = 32
+    cfg.data.row_group_size = 8
+    cfg.model.encoder = "nano"
+    cfg.model.embed_dim = 64
+    cfg.model.text_encoder = "minilm"
+    cfg.model.text_max_len = 64
+    cfg.model.image_tokens = 8
+    cfg.model.max_len = 96
+    cfg.model.lora_r = 8
+    cfg.model.lora_alpha = 16
+    cfg.train.num_workers = 2
+    cfg.train.use_gpu = False
+    cfg.train.cpus_per_worker = 0.5
+    cfg.train.stage1 = StageConfig(batch_size=8, lr=1e-3, weight_decay=0.1, epochs=8)
+    cfg.train.stage2 = StageConfig(batch_size=8, lr=1e-3, epochs=2)
+    cfg.train.stage3 = StageConfig(batch_size=8, lr=1e-3, epochs=3)
+    return cfg
+
+
+PRESETS = {"paper": paper, "m3d": m3d, "tiny": tiny}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key '{key}' expects a mapping, got {value!r}")
+        return _from_dict(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key '{key}' expects a list, got {value!r}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, key) for v in value)
+        if len(value) != len(args):
+            raise ValueError(f"config key '{key}' expects {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ValueError(f"config key '{key}' expects true/false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"config key '{key}' expects a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ValueError(f"config key '{key}' expects an integer, got {value!r}")
+        return int(value)
+    if tp is str:
+        return str(value)
+    return value
+
+
+def _from_dict(cls, data: dict, prefix: str = "", base=None):
+    obj = copy.deepcopy(base) if base is not None else cls()
+    hints = get_type_hints(cls)
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in hints:
+            raise ValueError(f"unknown config key '{key}'")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur) and isinstance(v, dict):
+            setattr(obj, k, _from_dict(type(cur), v, key, base=cur))
+        else:
+            setattr(obj, k, _coerce(hints[k], v, key))
+    return obj
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `a.b.c=value` strings; values are parsed as YAML (numbers, booleans, lists)."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        node = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return _from_dict(Config, nested, base=cfg)
+
+
+def load_config(name_or_path: str | Config = "tiny", overrides: list[str] | None = None) -> Config:
+    """A preset name, a YAML/JSON file (optionally with `base: <preset>`), or a Config; then overrides."""
+    if isinstance(name_or_path, Config):
+        cfg = copy.deepcopy(name_or_path)
+    elif name_or_path in PRESETS:
+        cfg = PRESETS[name_or_path]()
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ValueError(f"config '{name_or_path}' is neither a preset ({', '.join(PRESETS)}) nor a file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path}: expected a mapping at the top level")
+        base = data.pop("base", "paper")
+        if base not in PRESETS:
+            raise ValueError(f"config file {path}: unknown base preset '{base}'")
+        cfg = _from_dict(Config, data, base=PRESETS[base]())
+    return apply_overrides(cfg, overrides or [])
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
+
+
+def config_from_dict(data: dict) -> Config:
+    return _from_dict(Config, data)

@@ -1,0 +1,246 @@
+"""Manifests: which volumes exist, their report, split and questions.
+
+Two layouts (research/m3d.md section 1):
+- M3D: `M3D_Cap/{ct_case,ct_quizze}/<id>/<Series>/<n>.png` + `<id>/text.txt`, `M3D_Cap.json` and the
+  `M3D_VQA_*.csv` files. JSON/CSV entries name `M3D_Cap_npy/.../<Series>.npy` (or `.nii.gz`); they are mapped back to
+  the raw series folder, or read as the named file when that exists.
+- Generic: a folder of volumes (NIfTI, .npy, DICOM folders, slice folders) with `reports.csv` or `reports.json`
+  (fields `image`, `report`, optional `split` and `case_id`; paths relative to the folder).
+
+Every input becomes one `Item`. Inputs that are unusable before reading (no image, no report) carry `error` and are
+quarantined; nothing is dropped. A malformed JSON or CSV stops the run with `ManifestError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VQA_COLUMNS = ["Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer", "Answer Choice"]
+VQA_FILES = {  # file -> the qa split it carries
+    "M3D_VQA_train.csv": "train",
+    "M3D_VQA_val.csv": "val",
+    "M3D_VQA_test.csv": "test",
+    "M3D_VQA_test5k.csv": "test5k",
+    "M3D_VQA_yn_train.csv": "yn_train",
+}
+CAP_SPLITS = ("train", "validation", "test", "test1k", "test500", "test100")
+QUESTION_TYPES = {1: "Plane", 2: "Phase", 3: "Organ", 4: "Abnormality", 5: "Location"}
+
+
+class ManifestError(Exception):
+    """A malformed manifest (JSON/CSV); the run stops at once."""
+
+
+@dataclass
+class Item:
+    volume_id: str
+    case_id: str
+    series: str
+    split: str
+    source: str  # absolute path of the series folder or file
+    key: str  # the path the manifest names, relative to the data root
+    report: str = ""
+    qa: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+
+def stable_id(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def case_split(case_id: str, fractions=(0.8, 0.1, 0.1)) -> str:
+    """Leak-free split: every series of a case lands in the same split (hash of the case id)."""
+    u = int(hashlib.sha1(case_id.encode()).hexdigest()[:8], 16) / 0x100000000
+    if u < fractions[0]:
+        return "train"
+    return "validation" if u < fractions[0] + fractions[1] else "test"
+
+
+def extract_report(text: str) -> str:
+    """`study_findings:` section, else `discussion:`, else the whole text (each needs >= 5 non-space characters)."""
+    def section(name: str) -> str:
+        m = re.search(rf"{name}:(.*?)(?:\n[A-Za-z_ ]+:|\Z)", text, flags=re.S)
+        return " ".join(m.group(1).split()) if m else ""
+
+    for name in ("study_findings", "discussion"):
+        s = section(name)
+        if len(s.replace(" ", "")) >= 5:
+            return s
+    return " ".join(text.split())
+
+
+def _strip_ext(path: str) -> str:
+    for ext in (".nii.gz", ".npy", ".nii"):
+        if path.endswith(ext):
+            return path[: -len(ext)]
+    return path
+
+
+def is_m3d_layout(raw: Path) -> bool:
+    return (raw / "M3D_Cap.json").is_file() or (raw / "M3D_Cap").is_dir()
+
+
+def build_manifest(raw: str | Path, fractions=(0.8, 0.1, 0.1)) -> tuple[list[Item], list[dict]]:
+    """Returns (items, qa_quarantine)."""
+    raw = Path(raw)
+    if not raw.is_dir():
+        raise ManifestError(f"{raw}: raw data folder does not exist")
+    items = _m3d_items(raw) if is_m3d_layout(raw) else _generic_items(raw)
+    for it in items:
+        it.split = it.split or "unlisted"
+    qa_quarantine = _attach_vqa(raw, items)
+    return items, qa_quarantine
+
+
+def _load_cap_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not any(k in data for k in ("train", "validation", "test")):
+        raise ManifestError(f"{path}: expected an object with keys train/validation/test")
+    for k, v in data.items():
+        if k not in CAP_SPLITS:
+            continue
+        if not isinstance(v, list):
+            raise ManifestError(f"{path}: '{k}' must be a list of {{image, text}} entries")
+        for i, e in enumerate(v):
+            if not isinstance(e, dict) or not isinstance(e.get("image"), str) or not isinstance(e.get("text"), str):
+                raise ManifestError(f"{path}: entry {i} of '{k}' lacks string fields 'image' and 'text'")
+    return data
+
+
+def _m3d_resolve(raw: Path, rel: str) -> Path | None:
+    """`M3D_Cap_npy/<folder>/<id>/<Series>.npy` -> raw series folder, else the named file (or its .nii.gz twin)."""
+    parts = _strip_ext(rel).split("/")
+    if len(parts) >= 4:
+        folder = raw / "M3D_Cap" / Path(*parts[-3:])
+        if folder.is_dir():
+            return folder
+    for cand in (raw / rel, raw / (_strip_ext(rel) + ".nii.gz"), raw / (_strip_ext(rel) + ".npy")):
+        if cand.exists():
+            return cand
+    return None
+
+
+def _read_report(raw: Path, rel: str, cache: dict) -> tuple[str, str | None]:
+    parts = rel.split("/")
+    cands = [raw / "M3D_Cap" / Path(*parts[-3:])] if len(parts) >= 4 else []
+    cands.append(raw / rel)
+    for c in cands:
+        if c.is_file():
+            if c not in cache:
+                cache[c] = extract_report(c.read_text(errors="replace"))
+            return cache[c], None
+    return "", f"{cands[0]}: case has no text.txt"
+
+
+def _m3d_items(raw: Path) -> list[Item]:
+    items: dict[str, Item] = {}
+    cache: dict = {}
+    cap_path = raw / "M3D_Cap.json"
+    if cap_path.is_file():
+        cap = _load_cap_json(cap_path)
+        for split in CAP_SPLITS:
+            for e in cap.get(split, []):
+                key = _strip_ext(e["image"])
+                if key in items:
+                    continue
+                parts = key.split("/")
+                case_id = "/".join(parts[-3:-1]) if len(parts) >= 3 else parts[0]
+                source = _m3d_resolve(raw, e["image"])
+                it = Item(stable_id(key), case_id, parts[-1], split, str(source or raw / e["image"]), key)
+                if source is None:
+                    it.error = f"{raw / e['image']}: image does not exist (listed in M3D_Cap.json '{split}')"
+                else:
+                    it.report, it.error = _read_report(raw, e["text"], cache)
+                items[key] = it
+    # series folders on disk that no split lists: kept, with split "unlisted"
+    cap_root = raw / "M3D_Cap"
+    if cap_root.is_dir():
+        for group in sorted(p for p in cap_root.iterdir() if p.is_dir()):
+            for case in sorted(p for p in group.iterdir() if p.is_dir()):
+                for series in sorted(p for p in case.iterdir() if p.is_dir()):
+                    key = f"M3D_Cap_npy/{group.name}/{case.name}/{series.name}"
+                    if key in items:
+                        continue
+                    it = Item(stable_id(key), f"{group.name}/{case.name}", series.name, "", str(series), key)
+                    it.report, it.error = _read_report(raw, f"M3D_Cap_npy/{group.name}/{case.name}/text.txt", cache)
+                    items[key] = it
+    return list(items.values())
+
+
+def _generic_items(raw: Path) -> list[Item]:
+    if (raw / "reports.csv").is_file():
+        path = raw / "reports.csv"
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            rows = list(reader)
+    elif (raw / "reports.json").is_file():
+        path = raw / "reports.json"
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ManifestError(f"{path}: expected a list of objects")
+        cols = sorted({k for r in rows for k in r})
+    else:
+        raise ManifestError(f"{raw}: neither the M3D layout (M3D_Cap/, M3D_Cap.json) nor reports.csv/reports.json")
+    missing = [c for c in ("image", "report") if c not in cols]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
+    items = []
+    for i, r in enumerate(rows):
+        key = str(r["image"])
+        src = raw / key
+        case_id = str(r.get("case_id") or Path(key).parent.as_posix() or key)
+        it = Item(stable_id(key), case_id, Path(_strip_ext(key)).name, str(r.get("split") or ""), str(src), key, str(r["report"] or ""))
+        if not src.exists():
+            it.error = f"{src}: image does not exist ({path.name} row {i + 1})"
+        elif not it.report.strip():
+            it.error = f"{src}: empty report ({path.name} row {i + 1})"
+        items.append(it)
+    return items
+
+
+def _attach_vqa(raw: Path, items: list[Item]) -> list[dict]:
+    by_key = {_strip_ext(it.key): it for it in items}
+    quarantine = []
+    for name, qsplit in VQA_FILES.items():
+        path = raw / name
+        if not path.is_file():
+            continue
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            missing = [c for c in VQA_COLUMNS if c not in cols]
+            if missing:
+                raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
+            for line, row in enumerate(reader, start=2):
+                it = by_key.get(_strip_ext(row["Image Path"]))
+                if it is None:
+                    quarantine.append({"input": f"{path}:{line}", "reason": f"{raw / row['Image Path']}: image does not exist ({name} line {line})"})
+                    continue
+                try:
+                    qtype = int(row["Question Type"])
+                except ValueError:
+                    quarantine.append({"input": f"{path}:{line}", "reason": f"{name} line {line}: Question Type {row['Question Type']!r} is not an integer"})
+                    continue
+                it.qa.append({
+                    "question_type": qtype,
+                    "question": row["Question"],
+                    "choice_a": row["Choice A"], "choice_b": row["Choice B"],
+                    "choice_c": row["Choice C"], "choice_d": row["Choice D"],
+                    "answer": row["Answer"],
+                    "answer_choice": row["Answer Choice"],
+                    "split": qsplit,
+                    "yes_no": qsplit == "yn_train",
+                })
+    return quarantine

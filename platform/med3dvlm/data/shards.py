@@ -1,0 +1,167 @@
+"""Parquet shards: one row per volume, the volume as a Ray/Arrow tensor column (DESIGN.md section 3).
+
+`process_shard` runs inside a Ray task: read + transform each volume of one shard, write `volumes/part-NNNNN.parquet`
+in row groups, and record what it did in `_state/part-NNNNN.json`. A re-run with the same inputs finds that record
+and skips the shard; the bytes are the same because the shard assignment, the row order and the writer are fixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from med3dvlm.data.transform import preprocess_volume
+from med3dvlm.io import VolumeError, read_volume
+
+QA_FIELDS = [
+    ("question_type", "int8"), ("question", "string"), ("choice_a", "string"), ("choice_b", "string"),
+    ("choice_c", "string"), ("choice_d", "string"), ("answer", "string"), ("answer_choice", "string"),
+    ("split", "string"), ("yes_no", "bool"),
+]
+
+
+def shard_schema(shape, dtype: str):
+    import pyarrow as pa
+    from ray.data._internal.tensor_extensions.arrow import ArrowTensorTypeV2
+
+    types = {"int8": pa.int8(), "string": pa.string(), "bool": pa.bool_()}
+    qa_type = pa.list_(pa.struct([(n, types[t]) for n, t in QA_FIELDS]))
+    return pa.schema([
+        ("volume_id", pa.string()), ("case_id", pa.string()), ("series", pa.string()),
+        ("split", pa.string()), ("case_split", pa.string()),
+        ("volume", ArrowTensorTypeV2(tuple(shape), pa.from_numpy_dtype(np.dtype(dtype)))),
+        ("shape", pa.list_(pa.int32(), 3)), ("report", pa.string()), ("qa", qa_type), ("source", pa.string()),
+    ])
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def input_fingerprint(source: str) -> list:
+    """(name, size, mtime_ns) of the input file or of every file in the series folder."""
+    p = Path(source)
+    if p.is_dir():
+        return [(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in sorted(os.scandir(p), key=lambda e: e.name)]
+    st = p.stat()
+    return [(p.name, st.st_size, st.st_mtime_ns)]
+
+
+def _table(rows: list[dict], schema):
+    import pyarrow as pa
+    from ray.data._internal.tensor_extensions.arrow import ArrowTensorArray
+
+    cols = {}
+    for f in schema:
+        if f.name == "volume":
+            cols[f.name] = ArrowTensorArray.from_numpy(np.stack([r["volume"] for r in rows]))
+        else:
+            cols[f.name] = pa.array([r[f.name] for r in rows], type=f.type)
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+def process_shard(spec: dict) -> dict:
+    """Read, transform and write one shard. `spec`: index, out, items (dicts), data (DataConfig as dict), spec_hash."""
+    import pyarrow.parquet as pq
+
+    out = Path(spec["out"])
+    name = f"part-{spec['index']:05d}"
+    path = out / "volumes" / f"{name}.parquet"
+    state = out / "_state" / f"{name}.json"
+    items, data = spec["items"], spec["data"]
+    fp = hashlib.sha256()
+    for it in items:
+        try:
+            fp.update(json.dumps([it["volume_id"], input_fingerprint(it["source"])]).encode())
+        except OSError as e:
+            fp.update(f"{it['volume_id']}:missing:{e}".encode())
+    input_fp = fp.hexdigest()
+    if state.is_file() and path.is_file():
+        done = json.loads(state.read_text())
+        if done.get("spec_hash") == spec["spec_hash"] and done.get("input_fp") == input_fp and done.get("sha256") == sha256_file(path):
+            return {**done, "skipped": True}
+
+    shape, dtype = tuple(data["shape"]), data["dtype"]
+    schema = shard_schema(shape, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.tmp")
+    rows, buffer, quarantine = 0, [], []
+    writer = pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=["split", "case_split", "volume_id"])
+    try:
+        for it in items:
+            try:
+                vol = read_volume(it["source"], data["max_file_bytes"])
+                arr = preprocess_volume(vol, shape, dtype, tuple(data["window"]), data["window_mode"])
+            except VolumeError as e:
+                quarantine.append({"input": it["key"], "volume_id": it["volume_id"], "reason": str(e)})
+                continue
+            except Exception as e:  # anything else is still this input's fault: report it, keep going
+                quarantine.append({"input": it["key"], "volume_id": it["volume_id"], "reason": f"{it['source']}: {type(e).__name__}: {e}"})
+                continue
+            buffer.append({**{k: it[k] for k in ("volume_id", "case_id", "series", "split", "case_split", "report", "qa", "source")},
+                           "volume": arr, "shape": list(shape)})
+            if len(buffer) == data["row_group_size"]:
+                writer.write_table(_table(buffer, schema))
+                rows += len(buffer)
+                buffer = []
+        if buffer:
+            writer.write_table(_table(buffer, schema))
+            rows += len(buffer)
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+    done = {"shard": name, "spec_hash": spec["spec_hash"], "input_fp": input_fp, "sha256": sha256_file(path),
+            "rows": rows, "inputs": len(items), "quarantine": quarantine, "bytes": path.stat().st_size}
+    state.write_text(json.dumps(done, indent=1, sort_keys=True))
+    return {**done, "skipped": False}
+
+
+def shard_files(out: str | Path) -> list[str]:
+    files = sorted(str(p) for p in (Path(out) / "volumes").glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{out}: no shards (volumes/part-*.parquet); run pipelines.preprocess first")
+    return files
+
+
+def read_shards(out: str | Path, split: str | None = None, split_field: str = "case_split", columns: list[str] | None = None):
+    """Ray Dataset over the shards, optionally one split (`case_split` by default, or the official `split`)."""
+    import ray.data
+    from ray.data.expressions import col, lit
+
+    ds = ray.data.read_parquet(shard_files(out))
+    if split is not None:
+        ds = ds.filter(expr=col(split_field) == lit(split))
+    if columns:
+        ds = ds.select_columns(columns)
+    return ds
+
+
+def read_table(out: str | Path, columns: list[str] | None = None, split: str | None = None, split_field: str = "case_split"):
+    """The shards as one pyarrow Table without Ray (small data, tests, evaluation indexes)."""
+    import pyarrow.dataset as pads
+
+    dset = pads.dataset(shard_files(out), format="parquet")
+    flt = (pads.field(split_field) == split) if split is not None else None
+    return dset.to_table(columns=columns, filter=flt)
+
+
+def volumes_from_table(table) -> np.ndarray:
+    """The `volume` column of a Table read without Ray, as an (N, D, H, W) array."""
+    colm = table.column("volume").combine_chunks()
+    storage = colm.storage if hasattr(colm, "storage") else colm
+    shape = json.loads(table.schema.field("volume").metadata.get(b"ARROW:extension:metadata", b"{}") or b"{}").get("shape") \
+        if table.schema.field("volume").metadata else None
+    flat = storage.flatten().to_numpy(zero_copy_only=False)
+    n = len(table)
+    if shape is None:
+        shape = table.column("shape")[0].as_py()
+    return flat.reshape(n, *shape)
