@@ -93,7 +93,9 @@ def preprocess(cfg, raw: str | Path, out: str | Path, log=print) -> dict:
         "outputs": {r["shard"]: {"sha256": r["sha256"], "rows": r["rows"], "bytes": r["bytes"]} for r in results},
         "quarantine": sorted(quarantine, key=lambda q: q["input"]) + qa_quarantine,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    text = json.dumps(manifest, indent=1)
+    (out / "manifest.json").write_text(text)
+    manifest = json.loads(text)
     wall = time.time() - started
     nbytes = sum(r["bytes"] for r in results)
     figures = {"wall_s": round(wall, 2), "volumes_per_s": round(len(items) / wall, 2),

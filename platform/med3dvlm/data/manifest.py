@@ -137,7 +137,7 @@ def _read_report(raw: Path, rel: str, cache: dict) -> tuple[str, str | None]:
             if c not in cache:
                 cache[c] = extract_report(c.read_text(errors="replace"))
             return cache[c], None
-    return "", f"{cands[0]}: case has no text.txt"
+    return "", f"case has no text.txt (looked for {cands[0]})"
 
 
 def _m3d_items(raw: Path) -> list[Item]:
@@ -158,7 +158,8 @@ def _m3d_items(raw: Path) -> list[Item]:
                 if source is None:
                     it.error = f"{raw / e['image']}: image does not exist (listed in M3D_Cap.json '{split}')"
                 else:
-                    it.report, it.error = _read_report(raw, e["text"], cache)
+                    it.report, err = _read_report(raw, e["text"], cache)
+                    it.error = f"{source}: {err}" if err else None
                 items[key] = it
     # series folders on disk that no split lists: kept, with split "unlisted"
     cap_root = raw / "M3D_Cap"
@@ -170,7 +171,8 @@ def _m3d_items(raw: Path) -> list[Item]:
                     if key in items:
                         continue
                     it = Item(stable_id(key), f"{group.name}/{case.name}", series.name, "", str(series), key)
-                    it.report, it.error = _read_report(raw, f"M3D_Cap_npy/{group.name}/{case.name}/text.txt", cache)
+                    it.report, err = _read_report(raw, f"M3D_Cap_npy/{group.name}/{case.name}/text.txt", cache)
+                    it.error = f"{series}: {err}" if err else None
                     items[key] = it
     return list(items.values())
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,13 +237,13 @@ def dicom_series(folder: Path, n: int = 6, skip: int | None = None) -> None:
     import pydicom
     from pydicom.data import get_testdata_file
 
-    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    path = get_testdata_file("CT_small.dcm")
     folder.mkdir(parents=True, exist_ok=True)
-    x0, y0, z0 = (float(v) for v in src.ImagePositionPatient)
+    x0, y0, z0 = (float(v) for v in pydicom.dcmread(path).ImagePositionPatient)
     for k in range(n):
         if k == skip:
             continue
-        ds = src.copy()
+        ds = pydicom.dcmread(path)
         ds.ImagePositionPatient = [x0, y0, z0 + 5.0 * k]
         ds.InstanceNumber = k + 1
         arr = ds.pixel_array
@@ -304,5 +303,3 @@ def plant_bad_inputs(out: Path, cap: dict, csv_rows: dict) -> int:
     return len(planted)
 
 
-def remove_tree(path: str | Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

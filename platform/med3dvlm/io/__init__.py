@@ -182,7 +182,7 @@ def read_dicom_series(path: str | Path, max_bytes: int = 2 << 30, files: list[tu
         px = px * slope + inter
         if px.ndim == 3:  # multi-frame (enhanced) object: frames are slices
             for k in range(px.shape[0]):
-                frames.append((float(k), px[k], name))
+                frames.append((float(k), px[k], name, 0.0))
             continue
         pos = getattr(ds, "ImagePositionPatient", None)
         ori = getattr(ds, "ImageOrientationPatient", None)
@@ -191,7 +191,7 @@ def read_dicom_series(path: str | Path, max_bytes: int = 2 << 30, files: list[tu
             key = float(np.dot(normal, np.array(pos, float)))
         else:
             key = float(getattr(ds, "InstanceNumber", len(frames)))
-        frames.append((key, px, name))
+        frames.append((key, px, name, float(pos[2]) if pos is not None else 0.0))
     frames.sort(key=lambda f: f[0])
     shapes = Counter(f[1].shape for f in frames)
     if len(shapes) > 1:
@@ -208,7 +208,9 @@ def read_dicom_series(path: str | Path, max_bytes: int = 2 << 30, files: list[tu
                 f"{path}: missing slices between {Path(frames[i][2]).name} and {Path(frames[i + 1][2]).name} "
                 f"(gap {gaps[i]:.2f} mm vs {typical:.2f} mm spacing)"
             )
-    vol = np.stack([f[1] for f in frames])[::-1]  # highest position (superior) first
+    vol = np.stack([f[1] for f in frames])
+    if frames[-1][3] > frames[0][3]:  # patient z (LPS) grows superior: put the superior slice first
+        vol = vol[::-1]
     modality = str(getattr(dss[0][1], "Modality", ""))
     return Volume(np.ascontiguousarray(vol), hu=modality == "CT" or vol.min() <= -500, source=str(path), kind="dicom")
 

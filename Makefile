@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv first if it is missing.
+SHELL := /bin/bash
+PY := .venv/bin/python
+STAMP := .venv/.stamp-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS := 0
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export NLTK_DATA := $(CURDIR)/.venv/nltk_data
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@if [ ! -f /usr/share/wordnet/dict/index.noun ] && [ ! -d /usr/share/wordnet ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null) \
+		|| echo "warning: could not install wordnet-base (METEOR needs it)"; fi
+	@[ -x $(PY) ] || python3 -m venv .venv
+	$(PY) -m pip install -q --disable-pip-version-check -U pip
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	@rm -f .venv/.stamp-*; touch $(STAMP)
+
+demo: setup
+	$(PY) -m pipelines.demo
+
+test: setup
+	set -o pipefail; timeout 1500 $(PY) -m pytest tests 2>&1 | tee .venv/last-test.log
+
+bench: setup
+	$(PY) bench/preprocess.py
+	$(PY) bench/encoder.py
+
+clean:
+	rm -rf .venv build *.egg-info runs out

@@ -1,0 +1,41 @@
+import math
+
+import pytest
+
+from med3dvlm.config import load_config, save_config
+
+
+def test_presets_hold_the_paper_and_tiny_settings():
+    paper = load_config("paper")
+    assert paper.data.shape == (128, 256, 256) and paper.model.encoder == "small"
+    assert (paper.train.stage1.batch_size, paper.train.stage2.batch_size, paper.train.stage3.batch_size) == (64, 16, 8)
+    assert (paper.train.stage1.lr, paper.train.stage3.lr) == (1e-4, 5e-5)
+    assert math.isclose(paper.model.loss.t_init, math.log(1 / 0.07)) and paper.model.loss.b_init == 0.0
+    assert load_config("m3d").data.shape == (32, 256, 256)
+    tiny = load_config("tiny")
+    assert tiny.model.encoder == "nano" and not tiny.train.use_gpu
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("tiny", ["model.encoder=small", "train.stage1.lr=3e-4", "data.shape=[16,32,32]", "model.loss.learn_b=false"])
+    assert cfg.model.encoder == "small" and cfg.train.stage1.lr == 3e-4
+    assert cfg.data.shape == (16, 32, 32) and cfg.model.loss.learn_b is False
+
+
+@pytest.mark.parametrize("bad", ["model.nope=1", "train.stage1.batch_size=abc", "data.shape=[1,2]", "noequals"])
+def test_bad_overrides_name_the_key(bad):
+    with pytest.raises(ValueError) as e:
+        load_config("tiny", [bad])
+    assert bad.split("=")[0].split(".")[-1] in str(e.value) or "key=value" in str(e.value)
+
+
+def test_yaml_file_round_trip(tmp_path):
+    cfg = load_config("tiny", ["model.embed_dim=32"])
+    path = tmp_path / "c.yaml"
+    save_config(cfg, path)
+    again = load_config(str(path))
+    assert again == cfg
+    (tmp_path / "d.yaml").write_text("base: tiny\nmodel:\n  encoder: small\n")
+    assert load_config(str(tmp_path / "d.yaml")).model.encoder == "small"
+    with pytest.raises(ValueError, match="neither a preset"):
+        load_config(str(tmp_path / "missing.yaml"))

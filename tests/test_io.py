@@ -1,0 +1,113 @@
+"""Readers on real files: the synthetic M3D tree, nibabel's bundled NIfTI files, pydicom's CT slice."""
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.transforms import CropForeground, Resize
+from PIL import Image
+
+from med3dvlm.data.synthetic import dicom_series
+from med3dvlm.data.transform import preprocess_volume
+from med3dvlm.io import VolumeError, read_dicom_series, read_nifti, read_npy, read_slice_folder, read_upload, read_volume
+
+NIB_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+def _png(path, arr):
+    Image.fromarray(arr).save(path)
+
+
+def test_slice_folder_sorts_by_integer_stem_and_drops_minority_shapes(tmp_path):
+    for i in range(1, 12):  # 1..11: lexical order would put 10, 11 before 2
+        _png(tmp_path / f"{i}.png", np.full((8, 10), i * 10, np.uint8))
+    _png(tmp_path / "12.png", np.full((9, 9), 250, np.uint8))  # minority shape: dropped, as the reference
+    vol = read_slice_folder(tmp_path)
+    assert vol.array.shape == (11, 8, 10) and vol.array.dtype == np.uint8
+    assert list(vol.array[:, 0, 0]) == [i * 10 for i in range(1, 12)]
+
+
+def test_palette_and_rgb_slices_become_grey(tmp_path):
+    rgb = np.zeros((6, 6, 3), np.uint8)
+    rgb[..., 1] = 200
+    Image.fromarray(rgb).save(tmp_path / "1.png")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "2.png")
+    vol = read_slice_folder(tmp_path)
+    assert np.array_equal(vol.array[0], np.asarray(Image.fromarray(rgb).convert("L")))
+    with Image.open(tmp_path / "2.png") as im:
+        assert im.mode == "P"
+        assert np.array_equal(vol.array[1], np.asarray(im.convert("RGBA").convert("L")))
+
+
+def test_nibabel_example_reoriented_and_preprocessed():
+    vol = read_nifti(NIB_DATA / "anatomical.nii")
+    img = nib.as_closest_canonical(nib.load(NIB_DATA / "anatomical.nii"))
+    # depth is the superior-inferior axis, superior first
+    assert vol.array.shape == tuple(img.shape[i] for i in (2, 1, 0))
+    assert np.array_equal(vol.array[0], np.asarray(img.dataobj, np.float32)[:, :, -1].T[::-1])
+    out = preprocess_volume(vol, (16, 32, 32), window_mode="never")
+    assert out.shape == (16, 32, 32) and out.dtype == np.uint8
+    x = (vol.array - vol.array.min()) / (vol.array.max() - vol.array.min())
+    ref = Resize((16, 32, 32), mode="trilinear")(CropForeground(allow_smaller=True)(x[None]))[0]
+    assert np.abs(out / 255.0 - np.asarray(ref)).max() <= 1 / 255
+
+
+def test_4d_nifti_with_several_frames_is_an_error():
+    with pytest.raises(VolumeError, match="example4d.nii.gz: expected a 3-D volume"):
+        read_nifti(NIB_DATA / "example4d.nii.gz")
+
+
+def test_dicom_series_sorted_by_position_in_hu(tmp_path):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    dicom_series(tmp_path / "s", n=5)
+    # shuffle file names against positions: order must come from ImagePositionPatient
+    names = sorted(os.listdir(tmp_path / "s"))
+    for a, b in zip(names, reversed(names)):
+        if a < b:
+            os.rename(tmp_path / "s" / a, tmp_path / "s" / "tmp")
+            os.rename(tmp_path / "s" / b, tmp_path / "s" / a)
+            os.rename(tmp_path / "s" / "tmp", tmp_path / "s" / b)
+    vol = read_dicom_series(tmp_path / "s")
+    ref = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu0 = ref.pixel_array.astype(np.float32) * float(ref.RescaleSlope) + float(ref.RescaleIntercept)
+    assert vol.hu and vol.array.shape == (5, 128, 128)
+    # superior (highest z) first: slice k was written with +40*k, so the first slice is k=4
+    assert np.allclose(vol.array[0], np.clip(ref.pixel_array.astype(np.int32) + 160, 0, 4000) * float(ref.RescaleSlope) + float(ref.RescaleIntercept))
+    assert np.allclose(vol.array[-1], hu0)
+    windowed = preprocess_volume(vol, (4, 32, 32))
+    assert windowed.dtype == np.uint8 and windowed.max() == 255
+
+
+def test_dicom_gap_is_reported(tmp_path):
+    dicom_series(tmp_path / "g", n=6, skip=2)
+    with pytest.raises(VolumeError, match="missing slices between 001.dcm and 003.dcm"):
+        read_volume(tmp_path / "g")
+
+
+def test_npy_never_unpickles(tmp_path):
+    np.save(tmp_path / "evil.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(VolumeError, match="evil.npy: refused to load"):
+        read_npy(tmp_path / "evil.npy")
+    np.save(tmp_path / "ok.npy", np.random.rand(1, 4, 5, 6).astype(np.float32))
+    assert read_npy(tmp_path / "ok.npy").array.shape == (4, 5, 6)
+
+
+def test_uploads_zip_of_slices_and_size_limit(tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(3):
+            b = io.BytesIO()
+            Image.fromarray(np.full((4, 4), 50 * i, np.uint8)).save(b, format="PNG")
+            zf.writestr(f"series/{i}.png", b.getvalue())
+    vol = read_upload("scan.zip", buf.getvalue())
+    assert vol.array.shape == (3, 4, 4) and list(vol.array[:, 0, 0]) == [0, 50, 100]
+    with pytest.raises(VolumeError, match="exceeds the upload limit"):
+        read_upload("scan.zip", buf.getvalue(), max_bytes=10)
+    with pytest.raises(VolumeError, match="unsupported upload format"):
+        read_upload("scan.exe", b"MZ")

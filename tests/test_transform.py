@@ -1,0 +1,61 @@
+"""The preprocessing transform against a plain NumPy/PIL/MONAI implementation of the reference steps."""
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import CropForeground, Resize
+
+from med3dvlm.data.synthetic import sample_case, render_volume
+from med3dvlm.data.transform import preprocess_volume
+from med3dvlm.io import Volume, VolumeError, read_slice_folder
+
+
+def reference(stack_u8: np.ndarray, shape) -> np.ndarray:
+    """M3D's steps in M3D's order: /255, min-max, CropForeground (>0, margin 0), Resize trilinear."""
+    x = stack_u8.astype(np.float32) / 255.0
+    x = (x - x.min()) / (x.max() - x.min())
+    x = CropForeground(allow_smaller=True)(x[None])
+    x = Resize(shape, mode="trilinear")(x)
+    return np.asarray(x[0], dtype=np.float32)
+
+
+@pytest.mark.parametrize("shape", [(32, 64, 64), (8, 40, 24)])
+def test_matches_reference_within_one_grey_level(tmp_path, shape):
+    from PIL import Image
+
+    case = sample_case(3, seed=5)
+    vol = render_volume(case, "arterial", (36, 50, 70), seed=5)
+    u8 = np.rint(vol * 255).astype(np.uint8)
+    u8[u8 > 0] = np.maximum(u8[u8 > 0], 20)  # a non-zero minimum inside the body exercises min-max
+    for i, sl in enumerate(u8):
+        Image.fromarray(sl).save(tmp_path / f"{i}.png")
+    ours = preprocess_volume(read_slice_folder(tmp_path), shape)
+    ref = reference(u8, shape)
+    assert ours.shape == shape
+    assert np.abs(ours.astype(np.float32) / 255 - ref).max() <= 1 / 255
+    half = preprocess_volume(read_slice_folder(tmp_path), shape, dtype="float16")
+    assert np.abs(half.astype(np.float32) - ref).max() <= 1e-3
+
+
+def test_crop_removes_the_black_border():
+    arr = np.zeros((10, 20, 20), np.uint8)
+    arr[2:8, 5:15, 4:10] = 100
+    arr[4, 8, 6] = 200
+    out = preprocess_volume(Volume(arr, False, "x", "slices"), (6, 10, 6))
+    # after cropping, no all-zero border remains: every face has a non-zero voxel
+    assert out[0].max() > 0 and out[-1].max() > 0 and out[:, 0].max() > 0 and out[:, :, -1].max() > 0
+
+
+def test_hu_window_then_normalised():
+    hu = np.full((4, 8, 8), -1000.0, np.float32)
+    hu[1:3, 2:6, 2:6] = 40.0
+    hu[2, 3, 3] = 1000.0
+    out = preprocess_volume(Volume(hu, True, "ct", "nifti"), (2, 4, 4), window=(400, 40))
+    # W400/L40: -1000 -> 0 (cropped away), 40 -> 0.5, 1000 -> 1
+    assert out.shape == (2, 4, 4) and out.max() == 255
+    assert set(np.unique(out[out < 255]).tolist()) == {128}
+
+
+def test_constant_volume_is_an_error_naming_the_source():
+    with pytest.raises(VolumeError, match="flat.npy: constant volume"):
+        preprocess_volume(Volume(np.ones((3, 4, 4), np.float32), False, "flat.npy", "npy"), (2, 2, 2))
