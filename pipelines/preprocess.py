@@ -59,9 +59,11 @@ def preprocess(cfg, raw: str | Path, out: str | Path, log=print) -> dict:
             p.unlink()
     init_ray()
     results = []
+    peak = 0.0
     if specs:
         ds = ray.data.from_items(specs, override_num_blocks=len(specs)).map(process_shard, num_cpus=1)
         for r in ds.iter_rows():
+            peak = max(peak, r.pop("worker_peak_rss_mb", 0.0))
             results.append(r)
             done = sum(x["inputs"] for x in results)
             rate = done / max(time.time() - started, 1e-9)
@@ -99,8 +101,9 @@ def preprocess(cfg, raw: str | Path, out: str | Path, log=print) -> dict:
     wall = time.time() - started
     nbytes = sum(r["bytes"] for r in results)
     figures = {"wall_s": round(wall, 2), "volumes_per_s": round(len(items) / wall, 2),
-               "bytes_per_volume": round(nbytes / max(rows, 1)), "skipped_shards": sum(r["skipped"] for r in results)}
+               "bytes_per_volume": round(nbytes / max(rows, 1)), "skipped_shards": sum(r["skipped"] for r in results), "worker_peak_rss_mb": round(peak)}
     write_run_json(out, cfg, {"raw": str(raw), **manifest_inputs}, figures, started)
+    manifest["figures"] = figures  # for callers; not in manifest.json, which stays byte-stable
     return manifest
 
 

@@ -93,7 +93,9 @@ def test_rerun_skips_finished_shards_with_identical_bytes(shards, synthetic_m3d,
     after = {p.name: p.read_bytes() for p in (copy / "volumes").iterdir()}
     assert after == before
     assert sum("skipped" in line for line in logs) == len(before) - 1
-    assert json.loads((copy / "manifest.json").read_text()) == manifest == again
+    strip = lambda m: {k: v for k, v in m.items() if k != "figures"}  # noqa: E731 (timings differ)
+    assert json.loads((copy / "manifest.json").read_text()) == strip(manifest) == strip(again)
+    assert again["figures"]["skipped_shards"] == len(before) - 1
 
 
 def test_malformed_manifests_stop_at_once_with_one_message(synthetic_m3d, tmp_path, capsys):

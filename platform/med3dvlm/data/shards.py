@@ -122,7 +122,9 @@ def process_shard(spec: dict) -> dict:
     done = {"shard": name, "spec_hash": spec["spec_hash"], "input_fp": input_fp, "sha256": sha256_file(path),
             "rows": rows, "inputs": len(items), "quarantine": quarantine, "bytes": path.stat().st_size}
     state.write_text(json.dumps(done, indent=1, sort_keys=True))
-    return {**done, "skipped": False}
+    import resource
+
+    return {**done, "skipped": False, "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def shard_files(out: str | Path) -> list[str]:
