@@ -1,0 +1,147 @@
+"""DCFormer: a 3D CNN whose convolutions are decomposed into three 1-D convolutions (research/med3dvlm.md 1.1).
+
+Input (B, 1, D, H, W); output: the tokens of every stage s0..s4, each (B, D_s*H_s*W_s, C_s) in (D, H, W) order.
+Resolution-agnostic. The layout here is (D, H, W) throughout; the reference permutes to (H, W, D) internally, which
+only relabels the three branches (see `models/convert.py` for the weight mapping).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class DCFormerConfig:
+    num_blocks: tuple[int, ...] = (1, 2, 3, 6, 2)  # s0 (stem) .. s4; the stem is fixed, s0's count is unused
+    channels: tuple[int, ...] = (64, 96, 192, 384, 768)
+    kernel_sizes: tuple[int, ...] = (13, 11, 9, 7)  # s1..s4 token-mixer kernels
+    mlp_ratio: int = 4
+    layer_scale_init: float = 1e-6
+    stem_act: bool = False  # the reference stem has no nonlinearity (GELU lands in the `norm` slot)
+
+
+VARIANTS = {
+    "nano": DCFormerConfig((1, 1, 1, 1, 1), (32, 32, 64, 128, 256)),
+    "naive": DCFormerConfig((1, 2, 2, 2, 2), (32, 64, 128, 256, 512)),
+    "tiny": DCFormerConfig((1, 2, 3, 3, 2), (64, 96, 192, 384, 768)),
+    "small": DCFormerConfig((1, 2, 3, 6, 2), (64, 96, 192, 384, 768)),
+    "base": DCFormerConfig((1, 2, 6, 6, 2), (64, 128, 256, 512, 1024)),
+}
+
+
+class DecompConv3d(nn.Module):
+    """Three parallel 1-D convolutions along D, H and W, each with its own BatchNorm, summed."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = False):
+        super().__init__()
+        self.branches = nn.ModuleList()
+        for axis in range(3):
+            kernel, pad = [1, 1, 1], [0, 0, 0]
+            kernel[axis], pad[axis] = k, k // 2
+            self.branches.append(nn.Sequential(
+                nn.Conv3d(cin, cout, tuple(kernel), stride=stride, padding=tuple(pad), groups=groups),
+                nn.BatchNorm3d(cout),
+            ))
+        self.act = nn.GELU() if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(sum(b(x) for b in self.branches))
+
+
+class Stem(nn.Sequential):
+    def __init__(self, cout: int, act: bool):
+        super().__init__(
+            DecompConv3d(1, cout, 7, stride=4, act=act),
+            *[DecompConv3d(cout, cout, 3, act=act) for _ in range(3)],
+        )
+
+
+class ConvBlock(nn.Module):
+    """(optional downsample) -> depthwise decomposed token mixer -> channel MLP -> layer scale, with a residual."""
+
+    def __init__(self, cin: int, cout: int, k: int, mlp_ratio: int, ls_init: float, downsample: bool):
+        super().__init__()
+        self.downsample = nn.Sequential(nn.MaxPool3d(3, 2, 1), nn.Conv3d(cin, cout, 1, bias=False)) if downsample else None
+        self.mixer = DecompConv3d(cout, cout, k, groups=cout)
+        self.mlp = nn.Sequential(nn.Linear(cout, mlp_ratio * cout), nn.GELU(), nn.Linear(mlp_ratio * cout, cout))
+        self.scale = nn.Parameter(ls_init * torch.ones(cout))  # not `gamma`: HF loading renames that
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        y = self.mixer(x).permute(0, 2, 3, 4, 1)  # channels last for the MLP
+        y = self.scale * self.mlp(y)
+        return x + y.permute(0, 4, 1, 2, 3)
+
+
+class DCFormer(nn.Module):
+    def __init__(self, config: DCFormerConfig):
+        super().__init__()
+        c = config
+        if not (len(c.num_blocks) == len(c.channels) == 5 and len(c.kernel_sizes) == 4):
+            raise ValueError("DCFormer needs 5 block counts, 5 channel widths and 4 kernel sizes")
+        self.config = config
+        self.stem = Stem(c.channels[0], c.stem_act)
+        self.stages = nn.ModuleList()
+        for s in range(1, 5):
+            self.stages.append(nn.Sequential(*[
+                ConvBlock(c.channels[s - 1] if b == 0 else c.channels[s], c.channels[s], c.kernel_sizes[s - 1],
+                          c.mlp_ratio, c.layer_scale_init, downsample=b == 0)
+                for b in range(c.num_blocks[s])
+            ]))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv3d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def out_channels(self) -> tuple[int, ...]:
+        return tuple(self.config.channels)
+
+    @staticmethod
+    def grid(input_shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+        """(D, H, W) token grid of each stage s0..s4 for an input of `input_shape` (no forward pass needed)."""
+        g = [(n + 2 * 3 - 7) // 4 + 1 for n in input_shape]
+        grids = [tuple(g)]
+        for _ in range(4):
+            g = [(n - 1) // 2 + 1 for n in g]
+            grids.append(tuple(g))
+        return grids
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        feats = [x]
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return [f.flatten(2).transpose(1, 2) for f in feats]  # (B, D*H*W, C), (D, H, W) order
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self, input_shape: tuple[int, int, int]) -> int:
+        """Forward FLOPs (2 x MACs) for one sample, counted analytically per layer."""
+        c = self.config
+        grids = [int(torch.tensor(g).prod()) for g in self.grid(input_shape)]
+        s0 = grids[0]
+        flops = 2 * s0 * 3 * (1 * c.channels[0] * 7 + 3 * c.channels[0] * c.channels[0] * 3)
+        for s in range(1, 5):
+            n, cin, cout, k = grids[s], c.channels[s - 1], c.channels[s], c.kernel_sizes[s - 1]
+            flops += 2 * n * cin * cout  # 1x1x1 downsample conv
+            flops += c.num_blocks[s] * 2 * n * (3 * cout * k + 2 * c.mlp_ratio * cout * cout)
+        return flops
+
+
+def build_dcformer(variant: str = "small", stem_act: bool = False) -> DCFormer:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown DCFormer variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    base = VARIANTS[variant]
+    return DCFormer(DCFormerConfig(base.num_blocks, base.channels, base.kernel_sizes, stem_act=stem_act))
+
