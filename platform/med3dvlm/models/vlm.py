@@ -1,0 +1,229 @@
+"""The VLM: DCFormer + dual-stream projector + any HF causal LM, image tokens spliced into the input embeddings.
+
+Sequence layout (no chat template, as the reference): `<im_patch>` x N, the prompt, the answer, EOS.
+Splice modes:
+- `exact` (default): the N placeholder embeddings are replaced one-for-one by the N image tokens; no text is lost.
+- `m3d_legacy`: the released Med3DVLM/M3D layout (research/med3dvlm.md 1.4): the first placeholder keeps its own
+  embedding, the image tokens fill the next N positions, so the first text token is overwritten. Use it only to run
+  released weights, which were trained that way.
+Labels: -100 on the placeholders, the prompt and the padding; the answer and its EOS are learned.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from med3dvlm.config import ModelConfig, config_from_dict
+from med3dvlm.models.clip import _read_meta, load_tokenizer
+from med3dvlm.models.dcformer import build_dcformer
+from med3dvlm.models.projector import DualStreamProjector, projector_config_for
+
+IMAGE_TOKEN = "<im_patch>"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_llm(cfg: ModelConfig, tokenizer, weights: bool = True, dtype: torch.dtype | None = None):
+    """A causal LM: `tiny-qwen2` (random, from a config) or a local HF path; its vocabulary fits the tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
+
+    if cfg.llm == "tiny-qwen2":
+        hf = Qwen2Config(vocab_size=len(tokenizer), hidden_size=cfg.llm_hidden, intermediate_size=2 * cfg.llm_hidden,
+                         num_hidden_layers=cfg.llm_layers, num_attention_heads=cfg.llm_heads,
+                         num_key_value_heads=cfg.llm_kv_heads, max_position_embeddings=max(cfg.max_len, 512),
+                         tie_word_embeddings=False)
+        return AutoModelForCausalLM.from_config(hf)
+    if not Path(cfg.llm).exists():
+        raise FileNotFoundError(f"LLM path {cfg.llm} does not exist (models load only from local paths)")
+    if weights:
+        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, local_files_only=True, dtype=dtype)
+    else:
+        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.llm, local_files_only=True))
+    old = llm.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) != old:
+        mean_in = llm.get_input_embeddings().weight.data[:old].mean(0)
+        out = llm.get_output_embeddings()
+        mean_out = out.weight.data[:old].mean(0) if out is not None else None
+        llm.resize_token_embeddings(len(tokenizer))
+        new = range(min(old, len(tokenizer)), len(tokenizer))  # new rows start at the mean, as the reference
+        for i in new:
+            llm.get_input_embeddings().weight.data[i] = mean_in
+            if mean_out is not None:
+                llm.get_output_embeddings().weight.data[i] = mean_out
+    return llm
+
+
+def vlm_tokenizer(cfg: ModelConfig):
+    tok = load_tokenizer(cfg.llm)
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tok.eos_token is None:  # BERT-style vocabularies (the tiny config): [SEP] ends an answer
+        tok.eos_token = tok.sep_token
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, llm: nn.Module, tokenizer, input_shape: tuple[int, int, int]):
+        super().__init__()
+        if cfg.splice not in ("exact", "m3d_legacy"):
+            raise ValueError(f"splice must be exact or m3d_legacy, not {cfg.splice!r}")
+        self.cfg = cfg
+        self.input_shape = tuple(input_shape)
+        self.vision = build_dcformer(cfg.encoder, cfg.stem_act)
+        self.llm = llm
+        width = llm.config.hidden_size
+        self.projector = DualStreamProjector(
+            projector_config_for(self.vision, self.input_shape, width, cfg.image_tokens, cfg.mixer_depth))
+        self.tokenizer = tokenizer
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.lora = False
+        self.freeze_vision = False
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, input_shape, weights: bool = True, dtype=None) -> "VLM":
+        tok = vlm_tokenizer(cfg)
+        return cls(cfg, build_llm(cfg, tok, weights, dtype), tok, input_shape)
+
+    # ------------------------------------------------------------ training presets
+    def add_lora(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        if self.lora:
+            return
+        self.llm = get_peft_model(self.llm, LoraConfig(
+            r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout, bias="none",
+            target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+        self.lora = True
+
+    def set_stage(self, stage: int) -> None:
+        """Which parameters train: `paper` (2: projector; 3: LoRA + projector, vision frozen in eval mode) or
+        `released_code` (2: projector + input embeddings; 3: LoRA + vision + projector + embeddings + lm_head)."""
+        preset = self.cfg.trainable
+        if preset not in ("paper", "released_code") or stage not in (2, 3):
+            raise ValueError(f"no trainable preset {preset!r} for stage {stage}")
+        if stage == 3:
+            self.add_lora()
+        self.requires_grad_(False)
+        self.projector.requires_grad_(True)
+        if stage == 3:
+            for n, p in self.llm.named_parameters():
+                if "lora_" in n:
+                    p.requires_grad_(True)
+        if preset == "released_code":
+            self.llm.get_input_embeddings().requires_grad_(True)
+            if stage == 3:
+                self.vision.requires_grad_(True)
+                self.llm.get_output_embeddings().requires_grad_(True)
+        self.freeze_vision = not any(p.requires_grad for p in self.vision.parameters())
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_vision and self.cfg.trainable == "paper":
+            self.vision.eval()  # BatchNorm statistics stay as stage 1 left them
+        return self
+
+    def num_params(self, trainable: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)
+
+    # ------------------------------------------------------------ forward
+    def encode_images(self, volume: torch.Tensor) -> torch.Tensor:
+        feats = self.vision(volume)
+        return self.projector(feats[-2], feats[-1])
+
+    def splice_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Positions that receive image tokens."""
+        mask = input_ids == self.image_token_id
+        n = self.cfg.image_tokens
+        if not bool((mask.sum(1) == n).all()):
+            raise ValueError(f"every sequence needs exactly {n} {IMAGE_TOKEN} tokens, got {mask.sum(1).tolist()}")
+        if self.cfg.splice == "m3d_legacy":
+            shifted = torch.zeros_like(mask)
+            shifted[:, 1:] = mask[:, :-1]
+            return shifted
+        return mask
+
+    def embed(self, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        emb = self.llm.get_input_embeddings()(input_ids)
+        mask = self.splice_mask(input_ids).unsqueeze(-1)
+        return emb.masked_scatter(mask, image_tokens.to(emb.dtype))
+
+    def forward(self, volume, input_ids, attention_mask, labels=None):
+        emb = self.embed(input_ids, self.encode_images(volume))
+        return self.llm(inputs_embeds=emb, attention_mask=attention_mask, labels=labels)
+
+    # ------------------------------------------------------------ text
+    def encode_example(self, prompt: str, answer: str | None) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) for one sample: placeholders + prompt (masked) + answer + EOS (learned).
+
+        Too long: the answer is cut and gets no EOS (as the reference), so the model never learns to stop mid-report.
+        """
+        tok = self.tokenizer
+        head = [self.image_token_id] * self.cfg.image_tokens + tok(prompt, add_special_tokens=False)["input_ids"]
+        if len(head) >= self.cfg.max_len:
+            raise ValueError(f"prompt of {len(head)} tokens (image tokens included) exceeds max_len {self.cfg.max_len}")
+        if answer is None:
+            return head, [-100] * len(head)
+        ans = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ans = ans[: self.cfg.max_len - len(head)]
+        return head + ans, [-100] * len(head) + ans
+
+    def collate(self, examples: list[tuple[list[int], list[int]]], left_pad: bool = False) -> dict:
+        width = max(len(ids) for ids, _ in examples)
+        pad = self.tokenizer.pad_token_id
+        ids_t = torch.full((len(examples), width), pad, dtype=torch.long)
+        lab_t = torch.full((len(examples), width), -100, dtype=torch.long)
+        att_t = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, (ids, labels) in enumerate(examples):
+            sl = slice(width - len(ids), width) if left_pad else slice(0, len(ids))
+            ids_t[i, sl], lab_t[i, sl], att_t[i, sl] = torch.tensor(ids), torch.tensor(labels), 1
+        return {"input_ids": ids_t, "attention_mask": att_t, "labels": lab_t}
+
+    @torch.no_grad()
+    def generate(self, volume: torch.Tensor, prompts: list[str], max_new_tokens: int = 64, **kw) -> list[str]:
+        """Batched greedy generation (left padding, attention mask); returns the decoded answers."""
+        batch = self.collate([self.encode_example(p, None) for p in prompts], left_pad=True)
+        dev = volume.device
+        emb = self.embed(batch["input_ids"].to(dev), self.encode_images(volume))
+        out = self.llm.generate(inputs_embeds=emb, attention_mask=batch["attention_mask"].to(dev),
+                                max_new_tokens=max_new_tokens, do_sample=kw.pop("do_sample", False),
+                                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, **kw)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    # ------------------------------------------------------------ save / load
+    def save_pretrained(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"kind": "med3dvlm-vlm", "model": asdict(self.cfg), "input_shape": list(self.input_shape), "lora": self.lora}
+        (path / "config.json").write_text(json.dumps(meta, indent=1))
+        base = self.llm.get_base_model() if self.lora else self.llm
+        base.config.save_pretrained(path / "llm")
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, path / "model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype=None) -> "VLM":
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path)
+        meta = _read_meta(path, "med3dvlm-vlm")
+        cfg = config_from_dict({"model": meta["model"]}).model
+        tok = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path / "llm", local_files_only=True))
+        model = cls(cfg, llm, tok, tuple(meta["input_shape"]))
+        if meta["lora"]:
+            model.add_lora()
+        model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+        if dtype is not None:
+            model.to(dtype)
+        return model
