@@ -95,11 +95,16 @@ def flops_per_sample(model, batch_fn, stage):
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = batch_fn(2)  # 2: BatchNorm needs more than one value per channel in training
+    llm = getattr(model, "llm", None)
+    if llm is not None:  # the flop counter cannot read grouped-query SDPA shapes; eager attention does the same math
+        llm.set_attn_implementation("eager")
     with FlopCounterMode(display=False) as fc:
         with torch.autocast(model_device(model).type, dtype=torch.bfloat16):
             out = model(**batch)
             loss = out["loss"] if stage == 1 else out.loss
         loss.backward()
+    if llm is not None:
+        llm.set_attn_implementation("sdpa")
     model.zero_grad(set_to_none=True)
     return fc.get_total_flops() / 2
 
@@ -139,6 +144,22 @@ def run(stage, model, batch_fn, batch_sizes, steps, warmup, dev, peak):
     return rows
 
 
+def profile(model, batch):
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(2):
+        step_fn(model, opt, batch, 1)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with prof(activities=acts) as p:
+        for _ in range(2):
+            step_fn(model, opt, batch, 1)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(p.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
@@ -146,6 +167,8 @@ def main():
     ap.add_argument("--stage1-batches", type=int, nargs="*", default=[8, 16, 32, 64])
     ap.add_argument("--stage3-batches", type=int, nargs="*", default=[4, 8, 16])
     ap.add_argument("--compile", action="store_true", help="torch.compile the DCFormer (stage 1)")
+    ap.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format for stage 1")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a stage-1 step")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = (32, 64, 64) if args.smoke else (128, 256, 256)
@@ -162,9 +185,14 @@ def main():
     m1 = stage1_model(shape, dev, args.smoke)
     if args.compile:
         m1.vision = torch.compile(m1.vision)
-    results["compile"] = args.compile
+    fmt = torch.channels_last_3d if args.channels_last else torch.contiguous_format
+    m1 = m1.to(memory_format=fmt) if args.channels_last else m1
+    results["compile"], results["channels_last"] = args.compile, args.channels_last
+    batch1 = lambda b: {**stage1_batch(b, shape, dev), "volume": torch.rand(b, 1, *shape, device=dev).contiguous(memory_format=fmt)}  # noqa: E731
+    if args.profile:
+        profile(m1, batch1(args.stage1_batches[0]))
     results["stage1_params_m"] = round(sum(p.numel() for p in m1.parameters()) / 1e6, 2)
-    results["rows"] += run(1, m1, lambda b: stage1_batch(b, shape, dev), args.stage1_batches, args.steps, 2, dev, peak)
+    results["rows"] += run(1, m1, batch1, args.stage1_batches, args.steps, 2, dev, peak)
     del m1
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -176,7 +204,7 @@ def main():
     results["wall_s"] = round(time.time() - t0, 1)
     out = Path(os.environ.get("OUT", Path(__file__).parent / "results"))
     out.mkdir(parents=True, exist_ok=True)
-    tag = "_smoke" if args.smoke else ("_compile" if args.compile else "")
+    tag = "_smoke" if args.smoke else ("_compile" if args.compile else "") + ("_cl" if args.channels_last else "")
     (out / f"gpu_stages{tag}.json").write_text(json.dumps(results, indent=1))
     print(f"\n| stage | batch | samples/s | TFLOP/s | MFU | peak GiB |\n|---|---:|---:|---:|---:|---:|")
     for r in results["rows"]:
