@@ -1,0 +1,303 @@
+"""Model library: DCFormer, projector, sigmoid loss (world size 1 == 2), VLM splice/labels/generation, LoRA, I/O."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from med3dvlm.config import LossConfig, load_config
+from med3dvlm.models.clip import CLIPModel, SigLipLoss
+from med3dvlm.models.convert import from_released, load_released, to_released
+from med3dvlm.models.dcformer import DecompConv3d, build_dcformer
+from med3dvlm.models.projector import DualStreamProjector, projector_config_for
+from med3dvlm.models.vlm import VLM
+
+REFERENCE_COUNTS = {"nano": 0.789, "naive": 5.852, "tiny": 14.657, "small": 18.245, "base": 33.869}
+
+
+@pytest.mark.parametrize("variant", list(REFERENCE_COUNTS))
+def test_dcformer_parameter_counts_match_the_reference(variant):
+    m = build_dcformer(variant)
+    assert round(m.num_params() / 1e6, 3) == REFERENCE_COUNTS[variant]
+    assert not any(n.endswith(("gamma", "beta")) for n, _ in m.named_parameters())
+
+
+def test_dcformer_small_paper_shapes_on_meta():
+    with torch.device("meta"):
+        m = build_dcformer("small")
+        out = m(torch.zeros(1, 1, 128, 256, 256))
+    assert [tuple(o.shape[1:]) for o in out] == [(131072, 64), (16384, 96), (2048, 192), (256, 384), (32, 768)]
+    assert [g[0] * g[1] * g[2] for g in m.grid((128, 256, 256))] == [o.shape[1] for o in out]
+
+
+def test_dcformer_token_order_is_depth_major_and_flops_are_exact():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = build_dcformer("nano").eval()
+    x = torch.rand(1, 1, 64, 64, 128)
+    with FlopCounterMode(display=False) as fc:
+        out = m(x)
+    assert fc.get_total_flops() == m.estimate_flops((64, 64, 128))
+    # stage-4 grid for (64, 64, 128) is (1, 1, 2): tokens must run along W last
+    assert m.grid((64, 64, 128))[-1] == (1, 1, 2) and out[-1].shape[1] == 2
+    # a perturbation confined to the last W half changes only the second token more than the first
+    y = x.clone()
+    y[..., 96:] += 1.0
+    d = (m(y)[-1] - out[-1]).abs().sum(-1)[0]
+    assert d[1] > d[0]
+
+
+def test_stem_activation_switch():
+    a, b = build_dcformer("nano"), build_dcformer("nano", stem_act=True)
+    assert a.num_params() == b.num_params()
+    assert isinstance(b.stem[0].act, torch.nn.GELU) and isinstance(a.stem[0].act, torch.nn.Identity)
+
+
+def test_projector_paper_count_and_shape_on_meta():
+    enc = build_dcformer("small")
+    cfg = projector_config_for(enc, (128, 256, 256), 3584, 256)
+    assert (cfg.low_tokens, cfg.low_channels, cfg.high_tokens, cfg.high_channels) == (256, 384, 32, 768)
+    with torch.device("meta"):
+        p = DualStreamProjector(cfg)
+        y = p(torch.zeros(2, 256, 384), torch.zeros(2, 32, 768))
+    assert round(p.num_params() / 1e6, 3) == 47.221 and tuple(y.shape) == (2, 256, 3584)
+    assert [l.token_mlp[0].out_features for l in p.low] == [192, 128]
+    assert [l.token_mlp[0].out_features for l in p.high] == [64, 128]
+
+
+def test_projector_shapes_derive_from_config():
+    enc = build_dcformer("nano")
+    p = DualStreamProjector(projector_config_for(enc, (32, 64, 64), 64, 8))
+    feats = enc(torch.rand(2, 1, 32, 64, 64))
+    assert tuple(p(feats[-2], feats[-1]).shape) == (2, 8, 64)
+    with pytest.raises(ValueError, match="divisible"):
+        projector_config_for(enc, (32, 64, 64), 63, 8)
+
+
+def reference_sigmoid_loss(img, txt, t_prime, b, symmetric):
+    n = img.shape[0]
+    loss = 0.0
+    for i in range(n):
+        for j in range(n):
+            lij = math.exp(t_prime) * float(img[i] @ txt[j]) + b
+            lji = math.exp(t_prime) * float(img[j] @ txt[i]) + b
+            logit = (lij + lji) / 2 if symmetric else lij
+            z = 1.0 if i == j else -1.0
+            loss -= math.log(1 / (1 + math.exp(-z * logit)))
+    return loss / n
+
+
+@pytest.mark.parametrize("symmetric,t,b", [(True, math.log(1 / 0.07), 0.0), (False, math.log(10), -10.0)])
+def test_sigmoid_loss_equals_the_formula(symmetric, t, b):
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    loss = SigLipLoss(LossConfig(t_init=t, b_init=b, symmetric=symmetric))(img, txt)
+    assert loss.item() == pytest.approx(reference_sigmoid_loss(img, txt, t, b, symmetric), rel=1e-5)
+
+
+def test_temperature_clamp_and_learnability():
+    loss = SigLipLoss(LossConfig(t_init=5.0, t_max=math.log(100), learn_b=False))
+    assert loss.temperature.item() == pytest.approx(100.0)
+    assert loss.t_prime.requires_grad and not loss.bias.requires_grad
+
+
+def _tiny_clip_pair():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 8)
+    x = torch.randn(8, 12)
+    y = torch.randn(8, 8)
+    return lin, x, y
+
+
+def _worker(rank, world, port, q):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    lin, x, y = _tiny_clip_pair()
+    loss_fn = SigLipLoss(LossConfig())
+    n = x.shape[0] // world
+    sl = slice(rank * n, (rank + 1) * n)
+    img = F.normalize(lin(x[sl]), dim=-1)
+    txt = F.normalize(y[sl], dim=-1)
+    loss = loss_fn(img, txt)
+    loss.backward()
+    grads = [lin.weight.grad, lin.bias.grad, loss_fn.t_prime.grad, loss_fn.bias.grad]
+    for g in grads:  # what DDP/DeepSpeed do: average gradients over ranks
+        dist.all_reduce(g)
+        g /= world
+    if rank == 0:
+        q.put((loss.item(), [g.tolist() for g in grads]))
+    dist.destroy_process_group()
+
+
+def test_loss_and_gradients_equal_for_world_size_1_and_2():
+    import torch.multiprocessing as mp
+
+    lin, x, y = _tiny_clip_pair()
+    loss_fn = SigLipLoss(LossConfig())
+    loss = loss_fn(F.normalize(lin(x), dim=-1), F.normalize(y, dim=-1))
+    loss.backward()
+    ref = [lin.weight.grad, lin.bias.grad, loss_fn.t_prime.grad, loss_fn.bias.grad]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    loss2, grads2 = q.get(timeout=120)
+    for p in procs:
+        p.join(60)
+    assert loss2 == pytest.approx(loss.item(), rel=1e-6)
+    for a, b in zip(ref, grads2):
+        assert torch.allclose(a, torch.tensor(b), atol=1e-6)
+
+
+# ---------------------------------------------------------------- VLM
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny):
+    torch.manual_seed(0)
+    return VLM.from_config(tiny.model, tiny.data.shape).eval()
+
+
+def test_labels_mask_prompt_and_padding_and_end_with_eos(vlm):
+    ids, labels = vlm.encode_example(" Which organ?", " Liver")
+    n = vlm.cfg.image_tokens
+    prompt = vlm.tokenizer(" Which organ?", add_special_tokens=False)["input_ids"]
+    answer = vlm.tokenizer(" Liver", add_special_tokens=False)["input_ids"]
+    assert ids == [vlm.image_token_id] * n + prompt + answer + [vlm.tokenizer.eos_token_id]
+    assert labels == [-100] * (n + len(prompt)) + answer + [vlm.tokenizer.eos_token_id]
+    batch = vlm.collate([(ids, labels), vlm.encode_example(" Which organ is shown in this scan?", " Kidney")])
+    short = batch["attention_mask"][0] == 0
+    assert short.any() and (batch["labels"][0][short] == -100).all()
+
+
+def test_long_answer_is_cut_without_eos(vlm):
+    ids, labels = vlm.encode_example(" Describe.", " word" * 500)
+    assert len(ids) == vlm.cfg.max_len and labels[-1] != vlm.tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("mode", ["exact", "m3d_legacy"])
+def test_splice_positions(tiny, mode):
+    from dataclasses import replace
+
+    m = VLM.from_config(replace(tiny.model, splice=mode), tiny.data.shape).eval()
+    n = m.cfg.image_tokens
+    ids, _ = m.encode_example(" Which organ?", None)
+    ids_t = torch.tensor([ids])
+    img = torch.randn(1, n, m.llm.config.hidden_size)
+    emb = m.embed(ids_t, img)
+    table = m.llm.get_input_embeddings()(ids_t)
+    if mode == "exact":
+        assert torch.equal(emb[0, :n], img[0]) and torch.equal(emb[0, n:], table[0, n:])
+    else:  # first placeholder kept, image at 1..n, the first text token (position n) overwritten
+        assert torch.equal(emb[0, 0], table[0, 0]) and torch.equal(emb[0, 1:n + 1], img[0])
+        assert torch.equal(emb[0, n + 1:], table[0, n + 1:])
+
+
+def test_batched_generation_equals_one_by_one(vlm, tiny):
+    torch.manual_seed(1)
+    vols = torch.rand(3, 1, *tiny.data.shape)
+    prompts = [" Which organ?", "Describe the findings of the medical image you see.", " Where is it?"]
+    batched = vlm.generate(vols, prompts, max_new_tokens=6)
+    single = [vlm.generate(vols[i:i + 1], [p], max_new_tokens=6)[0] for i, p in enumerate(prompts)]
+    assert batched == single and all(batched)
+
+
+def _lora_params(llm, r):
+    return sum(r * (m.in_features + m.out_features) for n, m in llm.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in
+               ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+
+
+@pytest.mark.parametrize("preset", ["paper", "released_code"])
+def test_trainable_parameters_per_stage_and_preset(tiny, preset):
+    from dataclasses import replace
+
+    m = VLM.from_config(replace(tiny.model, trainable=preset), tiny.data.shape)
+    proj = m.projector.num_params()
+    emb = m.llm.get_input_embeddings().weight.numel()
+    lora = _lora_params(m.llm, tiny.model.lora_r)
+    m.set_stage(2)
+    assert m.num_params(trainable=True) == proj + (emb if preset == "released_code" else 0)
+    m.set_stage(3)
+    expected = lora + proj
+    if preset == "released_code":
+        expected += emb + m.llm.get_output_embeddings().weight.numel() + m.vision.num_params()
+    assert m.num_params(trainable=True) == expected
+    m.train()
+    assert m.vision.training == (preset == "released_code")
+
+
+def test_vlm_save_load_round_trip(vlm, tiny, tmp_path):
+    vlm.set_stage(3)
+    with torch.no_grad():
+        for n, p in vlm.llm.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # LoRA B starts at zero; make the adapter matter
+    vlm.save_pretrained(tmp_path / "v")
+    again = VLM.from_pretrained(tmp_path / "v").eval()
+    x = torch.rand(2, 1, *tiny.data.shape)
+    batch = vlm.collate([vlm.encode_example(" Which organ?", " Liver")] * 2)
+    assert torch.equal(vlm.eval()(x, **batch).logits, again(x, **batch).logits)
+
+
+def test_clip_save_load_round_trip(tiny, tmp_path):
+    from dataclasses import replace
+
+    m = CLIPModel.from_config(replace(tiny.model, text_encoder="tiny-bert")).eval()
+    m.save_pretrained(tmp_path / "c")
+    again = CLIPModel.from_pretrained(tmp_path / "c").eval()
+    x = torch.rand(2, 1, *tiny.data.shape)
+    tk = m.tokenize(["a small liver lesion", "normal kidney"])
+    assert torch.equal(m.encode_image(x), again.encode_image(x))
+    assert torch.equal(m.encode_text(**tk), again.encode_text(**tk))
+    with pytest.raises(ValueError, match="expected 'med3dvlm-vlm'"):
+        VLM.from_pretrained(tmp_path / "c")
+
+
+def test_released_layout_importer(tiny):
+    from dataclasses import replace
+
+    cfg = replace(tiny.model, splice="m3d_legacy")
+    a, b = VLM.from_config(cfg, tiny.data.shape).eval(), VLM.from_config(cfg, tiny.data.shape).eval()
+    released = to_released(a.state_dict())
+    assert any(k.startswith("model.vision_tower.vision_tower.encoder.s0.0.c1.") for k in released)
+    assert any(k.startswith("model.mm_projector.low_mixer.0.mlp1.mm_projector.1.1.") for k in released)
+    load_released(b, released)
+    x = torch.rand(1, 1, *tiny.data.shape)
+    assert torch.equal(a.encode_images(x), b.encode_images(x))
+    with pytest.raises(KeyError, match="no counterpart"):
+        from_released({**released, "model.vision_tower.vision_tower.encoder.s9.extra": torch.zeros(1)})
+    del released["lm_head.weight"]
+    with pytest.raises(KeyError, match="missing"):
+        load_released(b, released)
+
+
+def test_released_branches_follow_the_reference_hwd_layout():
+    """Released c1/c2/c3 convolve along H/W/D of an (H, W, D) tensor: recompute one layer that way."""
+    torch.manual_seed(0)
+    ours = DecompConv3d(2, 3, 5).eval()
+    for br in ours.branches:
+        br[1].running_mean.uniform_(-0.5, 0.5)
+    rel = {k: v for k, v in to_released({f"vision.stem.0.{k}": v for k, v in ours.state_dict().items()}).items()}
+    x = torch.randn(1, 2, 6, 7, 8)  # (D, H, W)
+    xh = x.permute(0, 1, 3, 4, 2)  # reference layout (H, W, D)
+    out = 0
+    for c, pad in (("c1", (2, 0, 0)), ("c2", (0, 2, 0)), ("c3", (0, 0, 2))):
+        p = f"model.vision_tower.vision_tower.encoder.s0.0.{c}"
+        y = F.conv3d(xh, rel[f"{p}.0.weight"], rel[f"{p}.0.bias"], padding=pad)
+        out = out + F.batch_norm(y, rel[f"{p}.1.running_mean"], rel[f"{p}.1.running_var"], rel[f"{p}.1.weight"], rel[f"{p}.1.bias"])
+    assert torch.allclose(out.permute(0, 1, 4, 2, 3), ours(x), atol=1e-5)
