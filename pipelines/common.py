@@ -60,7 +60,8 @@ def init_ray(num_cpus: int | None = None):
         ray.init(address=address, runtime_env=ctx_env, log_to_driver=True)
     else:
         cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
-        ray.init(num_cpus=cpus, object_store_memory=2 << 30, include_dashboard=False, runtime_env=ctx_env,
+        ray.init(num_cpus=cpus, object_store_memory=2 << 30, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env=ctx_env,
                  log_to_driver=True, configure_logging=False)
     from ray.data import DataContext
 

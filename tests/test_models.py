@@ -251,7 +251,18 @@ def test_vlm_save_load_round_trip(vlm, tiny, tmp_path):
     again = VLM.from_pretrained(tmp_path / "v").eval()
     x = torch.rand(2, 1, *tiny.data.shape)
     batch = vlm.collate([vlm.encode_example(" Which organ?", " Liver")] * 2)
-    assert torch.equal(vlm.eval()(x, **batch).logits, again(x, **batch).logits)
+    assert torch.equal(vlm.eval()(x, **batch).loss, again(x, **batch).loss)
+    del batch["labels"]
+    assert torch.equal(vlm(x, **batch).logits, again(x, **batch).logits)
+
+
+def test_answer_only_loss_equals_the_full_lm_loss(vlm, tiny):
+    x = torch.rand(2, 1, *tiny.data.shape)
+    batch = vlm.collate([vlm.encode_example(" Which organ?", " Liver"), vlm.encode_example(" Describe.", " A small lesion.")])
+    ours = vlm(x, **batch).loss
+    emb = vlm.embed(batch["input_ids"], vlm.encode_images(x))
+    full = vlm.llm(inputs_embeds=emb, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert torch.allclose(ours, full, atol=1e-5)
 
 
 def test_clip_save_load_round_trip(tiny, tmp_path):

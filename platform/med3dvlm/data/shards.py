@@ -148,8 +148,9 @@ def read_shards(out: str | Path, split: str | None = None, split_field: str = "c
 
 
 def read_table(out: str | Path, columns: list[str] | None = None, split: str | None = None, split_field: str = "case_split"):
-    """The shards as one pyarrow Table without Ray (small data, tests, evaluation indexes)."""
+    """The shards as one pyarrow Table without a Ray cluster (small data, tests, evaluation indexes)."""
     import pyarrow.dataset as pads
+    import ray.data  # noqa: F401  (registers the tensor extension type, so `volume` reads as a tensor column)
 
     dset = pads.dataset(shard_files(out), format="parquet")
     flt = (pads.field(split_field) == split) if split is not None else None
@@ -157,13 +158,8 @@ def read_table(out: str | Path, columns: list[str] | None = None, split: str | N
 
 
 def volumes_from_table(table) -> np.ndarray:
-    """The `volume` column of a Table read without Ray, as an (N, D, H, W) array."""
-    colm = table.column("volume").combine_chunks()
-    storage = colm.storage if hasattr(colm, "storage") else colm
-    shape = json.loads(table.schema.field("volume").metadata.get(b"ARROW:extension:metadata", b"{}") or b"{}").get("shape") \
-        if table.schema.field("volume").metadata else None
-    flat = storage.flatten().to_numpy(zero_copy_only=False)
-    n = len(table)
-    if shape is None:
-        shape = table.column("shape")[0].as_py()
-    return flat.reshape(n, *shape)
+    """The `volume` column of a Table from `read_table` as an (N, D, H, W) array."""
+    col = table.column("volume").combine_chunks()
+    if hasattr(col, "to_numpy") and hasattr(col.type, "shape"):
+        return col.to_numpy()
+    raise TypeError(f"column 'volume' has type {col.type}, not a Ray tensor extension type")

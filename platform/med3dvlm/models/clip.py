@@ -69,8 +69,9 @@ class SigLipLoss(nn.Module):
     def __init__(self, cfg: LossConfig):
         super().__init__()
         self.cfg = cfg
-        self.t_prime = nn.Parameter(torch.tensor(float(cfg.t_init)), requires_grad=cfg.learn_t)
-        self.bias = nn.Parameter(torch.tensor(float(cfg.b_init)), requires_grad=cfg.learn_b)
+        # shape (1,), not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views
+        self.t_prime = nn.Parameter(torch.tensor([float(cfg.t_init)]), requires_grad=cfg.learn_t)
+        self.bias = nn.Parameter(torch.tensor([float(cfg.b_init)]), requires_grad=cfg.learn_b)
 
     @property
     def temperature(self) -> torch.Tensor:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from med3dvlm.config import ModelConfig, config_from_dict
 from med3dvlm.models.clip import _read_meta, load_tokenizer
@@ -58,7 +60,12 @@ def build_llm(cfg: ModelConfig, tokenizer, weights: bool = True, dtype: torch.dt
 
 
 def vlm_tokenizer(cfg: ModelConfig):
-    tok = load_tokenizer(cfg.llm)
+    return vlm_tokenizer_for(cfg.llm)
+
+
+def vlm_tokenizer_for(llm: str):
+    """The LLM's tokenizer plus `<im_patch>`; BERT-style vocabularies (tiny) get [SEP] as EOS."""
+    tok = load_tokenizer(llm)
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tok.eos_token is None:  # BERT-style vocabularies (the tiny config): [SEP] ends an answer
@@ -155,24 +162,26 @@ class VLM(nn.Module):
         return emb.masked_scatter(mask, image_tokens.to(emb.dtype))
 
     def forward(self, volume, input_ids, attention_mask, labels=None):
+        """With labels: the LM head runs only on the positions that are learned (the answers), not on every
+        placeholder and prompt token; the loss equals HF's mean token cross-entropy, at a fraction of the
+        head's compute and memory (vocab x sequence logits). Without labels: the LLM's full output."""
         emb = self.embed(input_ids, self.encode_images(volume))
-        return self.llm(inputs_embeds=emb, attention_mask=attention_mask, labels=labels)
+        if labels is None:
+            return self.llm(inputs_embeds=emb, attention_mask=attention_mask)
+        base = self.llm.get_base_model() if self.lora else self.llm
+        hidden = base.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
+        target = labels[:, 1:]
+        keep = target != -100
+        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+        loss = F.cross_entropy(logits.float(), target[keep])
+        return CausalLMOutputWithPast(loss=loss)
 
     # ------------------------------------------------------------ text
     def encode_example(self, prompt: str, answer: str | None) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) for one sample: placeholders + prompt (masked) + answer + EOS (learned).
+        """(input_ids, labels): placeholders + prompt (masked) + answer + EOS (learned); see `data.samples`."""
+        from med3dvlm.data.samples import encode_example
 
-        Too long: the answer is cut and gets no EOS (as the reference), so the model never learns to stop mid-report.
-        """
-        tok = self.tokenizer
-        head = [self.image_token_id] * self.cfg.image_tokens + tok(prompt, add_special_tokens=False)["input_ids"]
-        if len(head) >= self.cfg.max_len:
-            raise ValueError(f"prompt of {len(head)} tokens (image tokens included) exceeds max_len {self.cfg.max_len}")
-        if answer is None:
-            return head, [-100] * len(head)
-        ans = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ans = ans[: self.cfg.max_len - len(head)]
-        return head + ans, [-100] * len(head) + ans
+        return encode_example(self.tokenizer, self.image_token_id, self.cfg.image_tokens, self.cfg.max_len, prompt, answer)
 
     def collate(self, examples: list[tuple[list[int], list[int]]], left_pad: bool = False) -> dict:
         width = max(len(ids) for ids, _ in examples)

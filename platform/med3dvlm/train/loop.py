@@ -1,0 +1,219 @@
+"""`train_loop_per_worker` for the three stages: the model from config, DeepSpeed ZeRO, Ray Train data and checkpoints.
+
+Runs inside Ray Train workers (the process group is Ray's: gloo on CPU, nccl on GPU). Each step logs loss, lr,
+samples/s, data-wait vs compute time (and t, b in stage 1). Every rank saves its DeepSpeed shard and reports it;
+a restarted worker resumes from the last one. At the end rank 0 exports a `from_pretrained` directory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from med3dvlm.config import Config, config_from_dict
+
+
+def deepspeed_config(cfg: Config, stage: int, use_gpu: bool) -> dict:
+    st = cfg.stage(stage)
+    zero: dict = {"stage": cfg.train.zero_stage}
+    if cfg.train.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if cfg.train.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": st.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": st.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(use_gpu and cfg.train.bf16)},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(round(total_steps * warmup_ratio)))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on everything trainable except biases and norm weights (as HF Trainer does; t' is decayed)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith("bias") or p.ndim == 1 and "t_prime" not in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_model(cfg: Config, stage: int, init: str | None):
+    from med3dvlm.models.clip import CLIPModel
+    from med3dvlm.models.vlm import VLM
+
+    if stage == 1:
+        return CLIPModel.from_pretrained(init) if init else CLIPModel.from_config(cfg.model)
+    if stage == 2:
+        model = VLM.from_config(cfg.model, cfg.data.shape)
+        if init:
+            model.vision.load_state_dict(CLIPModel.from_pretrained(init).vision.state_dict())
+    else:
+        model = VLM.from_pretrained(init) if init else VLM.from_config(cfg.model, cfg.data.shape)
+    model.set_stage(stage)
+    return model
+
+
+def _stub_deepspeed_jit() -> None:
+    # The CPU accelerator JIT-builds a shared-memory comm op (35 s, 3 GB) inside initialize(); gloo does not need it.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def export_model(engine, model, out: str, zero_stage: int) -> None:
+    """Rank 0 writes a from_pretrained directory; under ZeRO-3 every rank takes part in gathering the weights."""
+    import deepspeed
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            if rank == 0:
+                model.save_pretrained(out)
+    elif rank == 0:
+        model.save_pretrained(out)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+
+    cfg = config_from_dict(config["cfg"])
+    stage, use_gpu = config["stage"], cfg.train.use_gpu
+    st = cfg.stage(stage)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed + rank)
+    device = torch.device(f"cuda:{ctx.get_local_rank()}") if use_gpu else torch.device("cpu")
+    if not use_gpu:
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+    model = build_model(cfg, stage, config.get("init"))
+    if use_gpu:
+        model = model.to(device)
+        model.vision.to(memory_format=torch.channels_last_3d)  # 1.42x at the paper shape on an H100 (bench/results/gpu.md)
+    steps_per_epoch = config["steps_per_epoch"]
+    total = config["total_steps"]
+    optimizer = torch.optim.AdamW(param_groups(model, st.weight_decay), lr=st.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, st.warmup_ratio))
+    _stub_deepspeed_jit()
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, stage, use_gpu))
+
+    start, resumed = 0, False
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag="ds")
+        start, resumed = client["step"] + 1, True
+
+    shard = ray.train.get_dataset_shard("train")
+    keys = ["volume", "input_ids", "attention_mask"] + (["labels"] if stage > 1 else [])
+    history, step = [], start
+    writer = _tb_writer(config.get("tensorboard")) if rank == 0 else None
+    ckpt_every = cfg.train.checkpoint_every or steps_per_epoch
+    t_last = time.perf_counter()
+    while step < total:
+        epoch = step // steps_per_epoch
+        skip = step - epoch * steps_per_epoch  # resuming mid-epoch: these batches were consumed before the failure
+        it = shard.iter_torch_batches(batch_size=st.batch_size, drop_last=True)
+        t_wait = time.perf_counter()
+        for i, batch in enumerate(it):
+            if i < skip:
+                t_wait = time.perf_counter()
+                continue
+            if i >= steps_per_epoch or step >= total:
+                break
+            data_s = time.perf_counter() - t_wait
+            if step == cfg.train.fail_at_step and not resumed and rank == 0:
+                raise RuntimeError(f"fault injection: worker {rank} fails at step {step}")
+            t0 = time.perf_counter()
+            inputs = {k: batch[k].to(device) for k in keys}
+            inputs["volume"] = inputs["volume"].float().unsqueeze(1)
+            if use_gpu:
+                inputs["volume"] = inputs["volume"].contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(use_gpu and cfg.train.bf16)):
+                out = engine(**inputs)
+                loss = out["loss"] if stage == 1 else out.loss
+            engine.backward(loss)
+            engine.step()
+            if use_gpu:
+                torch.cuda.synchronize()
+            compute_s = time.perf_counter() - t0
+            loss_v = float(loss.detach())
+            if dist.is_initialized():
+                lt = torch.tensor([loss_v], device=device)
+                dist.all_reduce(lt)
+                loss_v = float(lt) / world
+            now = time.perf_counter()
+            m = {"step": step, "epoch": epoch, "loss": loss_v, "lr": scheduler.get_last_lr()[0],
+                 "samples_per_s": st.batch_size * world / max(now - t_last, 1e-9),
+                 "data_wait_s": data_s, "compute_s": compute_s}
+            t_last = now
+            if stage == 1:
+                lf = engine.module.loss_fn
+                m["t"], m["b"] = float(lf.temperature), float(lf.bias)
+            history.append(m)
+            if writer:
+                for k, v in m.items():
+                    if k not in ("step", "epoch"):
+                        writer.add_scalar(f"stage{stage}/{k}", v, step)
+            step += 1
+            if step % ckpt_every == 0 or step == total:
+                _save_and_report(engine, m, step - 1, history if step == total else None, rank)
+            t_wait = time.perf_counter()
+        if step < min(total, (epoch + 1) * steps_per_epoch):
+            raise RuntimeError(f"rank {rank}: the dataset shard ran dry at step {step} of {total}")
+    if writer:
+        writer.close()
+    if config.get("export"):
+        export_model(engine, engine.module, config["export"], cfg.train.zero_stage)
+        if rank == 0:
+            Path(config["export"], "history.json").write_text(json.dumps(history))
+
+
+def _save_and_report(engine, metrics: dict, step: int, history, rank: int) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag="ds", client_state={"step": step})  # a collective: every rank saves its shard
+        report = dict(metrics)
+        if history is not None and rank == 0:
+            Path(d, "history.json").write_text(json.dumps(history))
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _tb_writer(path: str | None):
+    if not path:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(path)
