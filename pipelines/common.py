@@ -56,8 +56,8 @@ def init_ray(num_cpus: int | None = None):
         return ray
     address = os.environ.get("RAY_ADDRESS")
     ctx_env = {"env_vars": {k: os.environ[k] for k in DEFAULT_ENV}}
-    if address:
-        ray.init(address=address, runtime_env=ctx_env, log_to_driver=True)
+    if address:  # a cluster or a submitted job: the job's runtime env applies (ours would conflict with it)
+        ray.init(address=address, log_to_driver=True)
     else:
         cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
         ray.init(num_cpus=cpus, object_store_memory=2 << 30, include_dashboard=True, dashboard_host="127.0.0.1",

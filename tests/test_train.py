@@ -123,9 +123,12 @@ def test_ray_job_submit_runs_stage1(shards, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
+    # the test session's own Ray holds the default agent ports: give this head free ones
+    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
     temp = Path(f"/tmp/rj{os.getpid()}")
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-                             "--dashboard-host=127.0.0.1", "--num-cpus=4", "--object-store-memory=500000000",
+                             "--dashboard-host=127.0.0.1", *ports, "--num-cpus=4", "--object-store-memory=500000000",
                              f"--temp-dir={temp}", "--disable-usage-stats"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -141,7 +144,7 @@ def test_ray_job_submit_runs_stage1(shards, tmp_path):
                                                  "env_vars": {"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}}),
                "--", sys.executable, "-m", "pipelines.train", "--stage", "1", "--config", "tiny",
                "--shards", str(shards[0]), "--out", str(out), *FAST]
-        for _ in range(30):  # the head's job agent comes up a little after the dashboard answers
+        for _ in range(10):  # the head's job agent comes up a little after the dashboard answers
             job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
             if "No available agent" not in job.stdout + job.stderr:
                 break
