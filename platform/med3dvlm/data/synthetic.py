@@ -22,12 +22,12 @@ import numpy as np
 VQA_COLUMNS = ["Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer", "Answer Choice"]
 
 ORGANS = {  # name: (centre z, y, x as fractions of the body box, radii as fractions, intensity)
-    "liver": ((0.45, 0.50, 0.35), (0.18, 0.22, 0.20), 0.55),
-    "spleen": ((0.40, 0.55, 0.72), (0.12, 0.12, 0.10), 0.60),
-    "kidney": ((0.60, 0.65, 0.30), (0.14, 0.10, 0.08), 0.65),
-    "pancreas": ((0.50, 0.45, 0.55), (0.06, 0.08, 0.22), 0.50),
+    "liver": ((0.45, 0.50, 0.35), (0.20, 0.24, 0.22), 0.50),
+    "spleen": ((0.40, 0.55, 0.72), (0.16, 0.16, 0.14), 0.64),
+    "kidney": ((0.60, 0.65, 0.30), (0.18, 0.14, 0.12), 0.80),
+    "pancreas": ((0.50, 0.45, 0.55), (0.10, 0.10, 0.24), 0.40),
 }
-PHASES = {"non_contrast": 0.8, "arterial": 1.25, "portal_venous": 1.1}
+PHASES = {"non_contrast": 0.88, "arterial": 1.12, "portal_venous": 1.0}
 PHASE_NAMES = {"non_contrast": "Non-contrast", "arterial": "Arterial", "portal_venous": "Portal venous"}
 PLANES = ("Axial", "Coronal", "Sagittal")
 
@@ -81,15 +81,15 @@ def render_volume(case: Case, phase: str, shape: tuple[int, int, int], seed: int
     z, y, x = np.meshgrid(np.linspace(0, 1, Z), np.linspace(0, 1, Y), np.linspace(0, 1, X), indexing="ij", sparse=True)
     vol = np.zeros(shape, np.float32)
     body = ((z - 0.5) / 0.48) ** 2 + ((y - 0.5) / 0.36) ** 2 + ((x - 0.5) / 0.46) ** 2 <= 1
-    vol[body] = 0.30
+    vol[body] = 0.22
     (cz, cy, cx), (rz, ry, rx), level = ORGANS[case.organ]
     organ = ((z - cz) / rz) ** 2 + ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
-    vol[organ] = level * PHASES[phase] * 0.8
+    vol[organ] = level * PHASES[phase]
     if case.lesion:
-        r = 0.35 if case.size == "small" else 0.65
+        r = 0.4 if case.size == "small" else 0.7
         lx = cx + (-0.45 if case.side == "right" else 0.45) * rx  # patient right is image left (low x)
         lesion = ((z - cz) / (r * rz)) ** 2 + ((y - cy) / (r * ry)) ** 2 + ((x - lx) / (r * rx * 0.9)) ** 2 <= 1
-        vol[lesion & organ] = 0.12 if case.density == "hypodense" else 0.95
+        vol[lesion & organ] = 0.04 if case.density == "hypodense" else 1.0
     vol[body] += rng.normal(0, 0.02, size=int(body.sum())).astype(np.float32)
     return np.clip(vol, 0, 1)
 
