@@ -47,6 +47,7 @@ class LossConfig:
 class ModelConfig:
     encoder: str = "small"  # DCFormer variant: nano, naive, tiny, small, base
     stem_act: bool = False  # reference: no activation in the stem
+    layer_scale_init: float = 1e-6  # reference; larger lets a small encoder trained briefly use its blocks
     embed_dim: int = 768  # stage-1 joint embedding width
     text_encoder: str = "minilm"  # "minilm" (packaged offline), "tiny-bert" (built from config) or a local path
     text_max_len: int = 512
@@ -77,6 +78,7 @@ class StageConfig:
     max_steps: int = 0  # > 0 caps the number of steps
     warmup_ratio: float = 0.03
     grad_clip: float = 1.0
+    text_lr_scale: float = 1.0  # stage 1: the text tower's lr = lr x this (a pretrained tower wants less)
 
 
 @dataclass
@@ -155,7 +157,8 @@ def tiny() -> Config:
     cfg.train.split_field = "case_split"
     cfg.train.augment = False  # flips and rotations scramble the synthetic laterality labels a few epochs cannot untangle
     cfg.model.loss.t_init, cfg.model.loss.b_init = math.log(10), -10.0  # SigLIP's init: stable with batches of 8
-    cfg.train.stage1 = StageConfig(batch_size=8, lr=3e-4, weight_decay=0.1, epochs=8)
+    cfg.model.layer_scale_init = 0.1
+    cfg.train.stage1 = StageConfig(batch_size=8, lr=1e-3, weight_decay=0.1, epochs=12, text_lr_scale=0.1)
     cfg.train.stage2 = StageConfig(batch_size=8, lr=1e-3, epochs=1)
     cfg.train.stage3 = StageConfig(batch_size=8, lr=1e-3, epochs=3)
     return cfg

@@ -96,7 +96,7 @@ class CLIPModel(nn.Module):
     def __init__(self, cfg: ModelConfig, text_encoder: nn.Module, tokenizer):
         super().__init__()
         self.cfg = cfg
-        self.vision = build_dcformer(cfg.encoder, cfg.stem_act)
+        self.vision = build_dcformer(cfg.encoder, cfg.stem_act, cfg.layer_scale_init)
         self.text = text_encoder
         self.tokenizer = tokenizer
         self.vision_proj = nn.Linear(self.vision.out_channels[-1], cfg.embed_dim)

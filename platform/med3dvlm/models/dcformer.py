@@ -139,9 +139,10 @@ class DCFormer(nn.Module):
         return flops
 
 
-def build_dcformer(variant: str = "small", stem_act: bool = False) -> DCFormer:
+def build_dcformer(variant: str = "small", stem_act: bool = False, layer_scale_init: float = 1e-6) -> DCFormer:
     if variant not in VARIANTS:
         raise ValueError(f"unknown DCFormer variant {variant!r}; choose from {', '.join(VARIANTS)}")
     base = VARIANTS[variant]
-    return DCFormer(DCFormerConfig(base.num_blocks, base.channels, base.kernel_sizes, stem_act=stem_act))
+    return DCFormer(DCFormerConfig(base.num_blocks, base.channels, base.kernel_sizes,
+                                   layer_scale_init=layer_scale_init, stem_act=stem_act))
 

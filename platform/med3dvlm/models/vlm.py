@@ -82,7 +82,7 @@ class VLM(nn.Module):
             raise ValueError(f"splice must be exact or m3d_legacy, not {cfg.splice!r}")
         self.cfg = cfg
         self.input_shape = tuple(input_shape)
-        self.vision = build_dcformer(cfg.encoder, cfg.stem_act)
+        self.vision = build_dcformer(cfg.encoder, cfg.stem_act, cfg.layer_scale_init)
         self.llm = llm
         width = llm.config.hidden_size
         self.projector = DualStreamProjector(

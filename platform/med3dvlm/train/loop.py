@@ -52,14 +52,17 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float):
     return f
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on everything trainable except biases and norm weights (as HF Trainer does; t' is decayed)."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, text_lr_scale: float = 1.0) -> list[dict]:
+    """Weight decay on everything trainable except biases and norm weights (as HF Trainer does; t' is decayed);
+    the stage-1 text tower (`text.*`) at lr x text_lr_scale."""
+    groups: dict = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name.endswith("bias") or p.ndim == 1 and "t_prime" not in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (name.endswith("bias") or p.ndim == 1 and "t_prime" not in name)
+        scale = text_lr_scale if name.startswith("text.") else 1.0
+        groups.setdefault((decay, scale), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if d else 0.0, "lr": lr * sc} for (d, sc), ps in groups.items()]
 
 
 def build_model(cfg: Config, stage: int, init: str | None):
@@ -120,7 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
         model.vision.to(memory_format=torch.channels_last_3d)  # 1.42x at the paper shape on an H100 (bench/results/gpu.md)
     steps_per_epoch = config["steps_per_epoch"]
     total = config["total_steps"]
-    optimizer = torch.optim.AdamW(param_groups(model, st.weight_decay), lr=st.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, st.lr, st.weight_decay, st.text_lr_scale), lr=st.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, st.warmup_ratio))
     _stub_deepspeed_jit()
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -172,7 +175,7 @@ def train_loop_per_worker(config: dict) -> None:
                 dist.all_reduce(lt)
                 loss_v = float(lt) / world
             now = time.perf_counter()
-            m = {"step": step, "epoch": epoch, "loss": loss_v, "lr": scheduler.get_last_lr()[0],
+            m = {"step": step, "epoch": epoch, "loss": loss_v, "lr": max(scheduler.get_last_lr()),
                  "samples_per_s": st.batch_size * world / max(now - t_last, 1e-9),
                  "data_wait_s": data_s, "compute_s": compute_s}
             t_last = now
