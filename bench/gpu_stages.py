@@ -206,7 +206,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     tag = "_smoke" if args.smoke else ("_compile" if args.compile else "") + ("_cl" if args.channels_last else "")
     (out / f"gpu_stages{tag}.json").write_text(json.dumps(results, indent=1))
-    print(f"\n| stage | batch | samples/s | TFLOP/s | MFU | peak GiB |\n|---|---:|---:|---:|---:|---:|")
+    print("\n| stage | batch | samples/s | TFLOP/s | MFU | peak GiB |\n|---|---:|---:|---:|---:|---:|")
     for r in results["rows"]:
         if r.get("oom"):
             print(f"| {r['stage']} | {r['batch']} | OOM | | | |")

@@ -1,6 +1,5 @@
 """One local Ray per test session (or the cluster in RAY_ADDRESS), and shared synthetic data."""
 
-import os
 
 import pytest
 

@@ -7,7 +7,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from med3dvlm.data.manifest import build_manifest
 from med3dvlm.data.shards import read_shards, read_table, volumes_from_table
 from med3dvlm.data.synthetic import BAD_INPUTS
 from med3dvlm.data.transform import preprocess_volume

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from monai.transforms import CropForeground, Resize
 
 from med3dvlm.data.synthetic import sample_case, render_volume
