@@ -68,7 +68,7 @@ def test_export_equals_the_trained_weights_and_reloads(chain):
         assert all(torch.equal(trained[k].float(), exported[k].float()) for k in trained)
         model = cls.from_pretrained(r["export"])
         assert all(torch.equal(v, exported[k]) for k, v in model.state_dict().items())
-    # stage 3 keeps stage 1's vision weights only where they did not train (paper preset) - here released_code trains them
+    # the stage-3 export carries its LoRA adapters and generates
     vlm = VLM.from_pretrained(r3["export"]).eval()
     assert vlm.lora and vlm.generate(torch.rand(1, 1, *cfg.data.shape), [" Which organ?"], max_new_tokens=3)[0] is not None
 

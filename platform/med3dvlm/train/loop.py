@@ -189,7 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
                         writer.add_scalar(f"stage{stage}/{k}", v, step)
             step += 1
             if step % ckpt_every == 0 or step == total:
-                _save_and_report(engine, m, step - 1, history if step == total else None, rank)
+                _save_and_report(engine, m, step - 1)
             t_wait = time.perf_counter()
         if step < min(total, (epoch + 1) * steps_per_epoch):
             raise RuntimeError(f"rank {rank}: the dataset shard ran dry at step {step} of {total}")
@@ -201,15 +201,12 @@ def train_loop_per_worker(config: dict) -> None:
             Path(config["export"], "history.json").write_text(json.dumps(history))
 
 
-def _save_and_report(engine, metrics: dict, step: int, history, rank: int) -> None:
+def _save_and_report(engine, metrics: dict, step: int) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag="ds", client_state={"step": step})  # a collective: every rank saves its shard
-        report = dict(metrics)
-        if history is not None and rank == 0:
-            Path(d, "history.json").write_text(json.dumps(history))
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def _tb_writer(path: str | None):
