@@ -16,14 +16,15 @@ export NLTK_DATA := $(CURDIR)/.venv/nltk_data
 setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
-	@if [ ! -f /usr/share/wordnet/dict/index.noun ] && [ ! -d /usr/share/wordnet ] && command -v apt-get >/dev/null; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null) \
-		|| echo "warning: could not install wordnet-base (METEOR needs it)"; fi
+	@if [ ! -f /usr/share/wordnet/index.sense ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null) \
+		|| echo "warning: could not install wordnet-base wordnet-sense-index (METEOR needs them)"; fi
 	@[ -x $(PY) ] || python3 -m venv .venv
 	$(PY) -m pip install -q --disable-pip-version-check -U pip
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(PY) -m med3dvlm.eval.nltk_data
 	@rm -f .venv/.stamp-*; touch $(STAMP)
 
 demo: setup

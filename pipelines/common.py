@@ -24,6 +24,8 @@ DEFAULT_ENV = {
 }
 for _k, _v in DEFAULT_ENV.items():
     os.environ.setdefault(_k, _v)
+# METEOR's WordNet and punkt_tab, laid out by `make setup` (med3dvlm.eval.nltk_data)
+os.environ.setdefault("NLTK_DATA", str(Path(__file__).resolve().parents[1] / ".venv" / "nltk_data"))
 
 
 class UserError(Exception):
@@ -77,11 +79,11 @@ def git_sha() -> str:
         return "unknown"
 
 
-def write_run_json(out: str | Path, cfg: Config, inputs: dict, figures: dict, started: float) -> Path:
+def write_run_json(out: str | Path, cfg: Config | None, inputs: dict, figures: dict, started: float) -> Path:
     path = Path(out) / "run.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
-        "config": cfg.to_dict(), "git_sha": git_sha(), "argv": sys.argv, "inputs": inputs,
+        "config": cfg.to_dict() if cfg is not None else None, "git_sha": git_sha(), "argv": sys.argv, "inputs": inputs,
         "figures": figures, "wall_s": round(time.time() - started, 3),
     }, indent=1, default=str))
     return path

@@ -14,31 +14,16 @@ from pathlib import Path
 from pipelines.common import config_from_args, init_ray, parser, run_main, write_run_json
 
 
-def heldout(cfg, shards: str, stage1: str, stage3: str) -> dict:
-    """Retrieval with the stage-1 model and closed VQA with the stage-3 model on the leak-free validation+test cases."""
-    import torch
+def heldout(shards: str, stage1: str, stage3: str, out: Path) -> dict:
+    """`pipelines.evaluate` on the leak-free validation+test cases: retrieval (stage 1), closed VQA and reports (stage 3)."""
+    from pipelines.evaluate import evaluate, parse_args
 
-    from med3dvlm.data.shards import read_table, volumes_from_table
-    from med3dvlm.data.transform import to_float
-    from med3dvlm.eval.retrieval import embed_pairs, retrieval_metrics
-    from med3dvlm.eval.vqa import accuracy_by_type, answer_closed
-    from med3dvlm.models.clip import CLIPModel
-    from med3dvlm.models.vlm import VLM
-
-    import pyarrow as pa
-
-    tables = [read_table(shards, ["volume", "report", "qa", "case_split"], split=s, split_field="case_split")
-              for s in ("validation", "test")]
-    t = pa.concat_tables(tables)
-    vols = to_float(volumes_from_table(t))
-    reports = t["report"].to_pylist()
-    torch.manual_seed(0)
-    clip = CLIPModel.from_pretrained(stage1)
-    img, txt = embed_pairs(clip, vols, reports)
-    retrieval = retrieval_metrics(img, txt)
-    vlm = VLM.from_pretrained(stage3)
-    vqa = accuracy_by_type(answer_closed(vlm, vols, t["qa"].to_pylist()))
-    return {"retrieval": retrieval, "closed_vqa": vqa, "n_volumes": len(reports)}
+    common = ["--shards", shards, "--split", "validation,test", "--split-field", "case_split"]
+    quiet = lambda *_: None  # noqa: E731
+    res = {task: evaluate(parse_args(["--task", task, "--model", model, "--out", str(out / task), *common, *extra]), quiet)
+           for task, model, extra in (("retrieval", stage1, []), ("vqa-closed", stage3, ["--max-new-tokens", "16"]),
+                                      ("report", stage3, ["--max-new-tokens", "96"]))}
+    return res
 
 
 def main(argv=None):
@@ -65,27 +50,35 @@ def main(argv=None):
         r = train(cfg, stage, str(out / "shards"), str(out / "ckpt"), exports.get(stage - 1))
         exports[stage], figures[f"stage{stage}"] = r["export"], r["figures"]
     t = time.time()
-    check = heldout(cfg, str(out / "shards"), exports[1], exports[3])
-    n = check["n_volumes"]
-    r1 = check["retrieval"]["image_to_text_R@1"]
-    vqa = check["closed_vqa"]
+    check = heldout(str(out / "shards"), exports[1], exports[3], out / "eval")
+    ret = check["retrieval"]
+    n = ret["n"]
+    r = next(iter(ret["metrics"].values()))
+    r1 = r["image_to_text_R@1"]
+    vqa = check["vqa-closed"]["metrics"]
+    rep = check["report"]["metrics"]
     rows = [
         ("image-to-text retrieval R@1", r1, 1 / n, 3 / n),
-        ("text-to-image retrieval R@1", check["retrieval"]["text_to_image_R@1"], 1 / n, None),
+        ("text-to-image retrieval R@1", r["text_to_image_R@1"], 1 / n, None),
         ("closed VQA accuracy (lenient, mean of types)", vqa["lenient"]["mean"], 0.25, 0.45),
         ("closed VQA accuracy (strict first choice)", vqa["strict"]["mean"], 0.25, None),
+        ("report METEOR", rep["meteor"], None, None),
+        ("report ROUGE-1", rep["rouge1"], None, None),
     ]
-    print(f"\n[demo] held-out check on {n} volumes of unseen cases ({vqa['n']} closed questions), {time.time() - t:.0f} s")
+    print(f"\n[demo] held-out check (pipelines.evaluate) on {n} volumes of unseen cases ({vqa['n']} closed questions), "
+          f"{time.time() - t:.0f} s")
     print(f"| {'metric':<46} | value | chance | target |\n|{'-' * 48}|------:|-------:|-------:|")
     for name, v, chance, target in rows:
-        print(f"| {name:<46} | {100 * v:5.1f} | {100 * chance:6.1f} | {'' if target is None else f'>= {100 * target:.0f}':>6} |")
+        print(f"| {name:<46} | {100 * v:5.1f} | {'' if chance is None else f'{100 * chance:.1f}':>6} | "
+              f"{'' if target is None else f'>= {100 * target:.0f}':>6} |")
     print("\nper question type (lenient): " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in vqa["lenient"]["per_type"].items()))
     for stage in (1, 2, 3):
         f = figures[f"stage{stage}"]
         print(f"[demo] stage {stage}: loss {f['loss_first']:.3f} -> {f['loss_last']:.3f}, {f['samples_per_s']:.1f} samples/s, "
               f"data wait {100 * f['data_wait_fraction']:.0f}%  -> {exports[stage]}")
     result = {"heldout": check, "train": figures, "exports": exports, "shards": str(out / "shards"),
-              "passed": bool(r1 >= 3 / n and vqa["lenient"]["mean"] >= 0.45)}
+              "passed": bool(r1 >= 3 / n and vqa["lenient"]["mean"] >= 0.45),
+              "evaluation": {k: v["out"] for k, v in check.items()}}
     (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))
     write_run_json(out, cfg, {"cases": args.cases}, {"r1": r1, "closed_vqa": vqa["lenient"]["mean"], "n": n}, started)
     print(f"[demo] done in {time.time() - started:.0f} s; summary {out / 'summary.json'}; "

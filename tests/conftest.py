@@ -38,3 +38,26 @@ def shards(ray_session, synthetic_m3d, tmp_path_factory):
     cfg = load_config("tiny", ["data.rows_per_shard=16"])
     manifest = preprocess(cfg, raw, out, log=lambda *_: None)
     return out, manifest, cfg
+
+
+FAST = ["train.stage1.batch_size=4", "train.stage2.batch_size=4", "train.stage3.batch_size=4",
+        "train.stage1.epochs=3", "train.stage2.max_steps=6", "train.stage3.max_steps=6", "train.max_failures=0"]
+
+
+def cfg_for(*extra):
+    from med3dvlm.config import load_config
+
+    return load_config("tiny", FAST + list(extra))
+
+
+@pytest.fixture(scope="session")
+def chain(shards, tmp_path_factory):
+    """Stages 1 -> 2 -> 3 under ZeRO-2, each from the previous export (shared by training, evaluation and serving tests)."""
+    from pipelines.train import train
+
+    out = tmp_path_factory.mktemp("ckpt")
+    cfg = cfg_for()
+    r1 = train(cfg, 1, str(shards[0]), str(out), log=lambda *_: None)
+    r2 = train(cfg, 2, str(shards[0]), str(out), r1["export"], log=lambda *_: None)
+    r3 = train(cfg, 3, str(shards[0]), str(out), r2["export"], log=lambda *_: None)
+    return cfg, r1, r2, r3

@@ -16,23 +16,7 @@ from med3dvlm.config import load_config
 from pipelines.common import UserError
 from pipelines.train import train
 
-FAST = ["train.stage1.batch_size=4", "train.stage2.batch_size=4", "train.stage3.batch_size=4",
-        "train.stage1.epochs=3", "train.stage2.max_steps=6", "train.stage3.max_steps=6", "train.max_failures=0"]
-
-
-def cfg_for(*extra):
-    return load_config("tiny", FAST + list(extra))
-
-
-@pytest.fixture(scope="module")
-def chain(shards, tmp_path_factory):
-    """Stages 1 -> 2 -> 3 under ZeRO-2, each from the previous export."""
-    out = tmp_path_factory.mktemp("ckpt")
-    cfg = cfg_for()
-    r1 = train(cfg, 1, str(shards[0]), str(out), log=lambda *_: None)
-    r2 = train(cfg, 2, str(shards[0]), str(out), r1["export"], log=lambda *_: None)
-    r3 = train(cfg, 3, str(shards[0]), str(out), r2["export"], log=lambda *_: None)
-    return cfg, r1, r2, r3
+from conftest import FAST, cfg_for
 
 
 def _ds_module_state(checkpoint) -> dict:

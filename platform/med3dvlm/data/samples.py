@@ -96,7 +96,8 @@ def as_float(batch: dict) -> dict:
 
 
 def closed_prompt(q: dict) -> tuple[str, str]:
-    choices = " ".join(f"{l}. {q['choice_' + l.lower()]}" for l in LETTERS if q["choice_" + l.lower()] not in ("", "NA", None))
+    """M3D style "Choices: A. .. D. ..": "NA" is a real option text there and stays; only a missing choice is left out."""
+    choices = " ".join(f"{l}. {q['choice_' + l.lower()]}" for l in LETTERS if q["choice_" + l.lower()] not in ("", None))
     return f" {q['question']} Choices: {choices}", f" {q['answer_choice']}. {q['answer']}"
 
 

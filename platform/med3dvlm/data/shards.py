@@ -134,14 +134,15 @@ def shard_files(out: str | Path) -> list[str]:
     return files
 
 
-def read_shards(out: str | Path, split: str | None = None, split_field: str = "case_split", columns: list[str] | None = None):
-    """Ray Dataset over the shards, optionally one split (`case_split` by default, or the official `split`)."""
+def read_shards(out: str | Path, split: str | list[str] | None = None, split_field: str = "case_split",
+                columns: list[str] | None = None):
+    """Ray Dataset over the shards, optionally one split or a list of them (by `case_split`, or the official `split`)."""
     import ray.data
     from ray.data.expressions import col, lit
 
     ds = ray.data.read_parquet(shard_files(out))
     if split is not None:
-        ds = ds.filter(expr=col(split_field) == lit(split))
+        ds = ds.filter(expr=col(split_field) == lit(split) if isinstance(split, str) else col(split_field).is_in(list(split)))
     if columns:
         ds = ds.select_columns(columns)
     return ds

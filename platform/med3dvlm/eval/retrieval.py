@@ -5,12 +5,18 @@ from __future__ import annotations
 import torch
 
 
+def rank_of_target(scores: torch.Tensor) -> torch.Tensor:
+    """1-based rank of row i's correct item (column i). Ties rank by index, as torch.topk orders them: an equal score
+    in an earlier column ranks ahead of the target."""
+    diag = scores.diagonal().unsqueeze(1)
+    idx = torch.arange(scores.shape[1], device=scores.device)
+    ahead = (scores > diag) | ((scores == diag) & (idx.unsqueeze(0) < idx[: scores.shape[0]].unsqueeze(1)))
+    return ahead.sum(dim=1) + 1
+
+
 def recall_at_k(scores: torch.Tensor, k: int) -> float:
-    """Rows are queries; the correct item of row i is column i. Ties rank by index (torch.topk order)."""
-    k = min(k, scores.shape[1])
-    top = scores.topk(k, dim=1).indices
-    target = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1)
-    return float((top == target).any(dim=1).float().mean())
+    """Rows are queries; the correct item of row i is column i (M3D-Bench: only the diagonal counts)."""
+    return float((rank_of_target(scores) <= k).float().mean())
 
 
 def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, ks=(1, 5, 10)) -> dict:
@@ -24,12 +30,8 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, ks=(1, 5, 10)) -> di
     return out
 
 
-@torch.no_grad()
-def embed_pairs(model, volumes: torch.Tensor, reports: list[str], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage-1 model features for volumes (N, D, H, W, float in [0,1]) and their reports."""
-    model.eval()
-    imgs, txts = [], []
-    for i in range(0, len(reports), batch_size):
-        imgs.append(model.encode_image(volumes[i:i + batch_size].unsqueeze(1).float()))
-        txts.append(model.encode_text(**model.tokenize(reports[i:i + batch_size])))
-    return torch.cat(imgs), torch.cat(txts)
+def retrieval_at_n(img: torch.Tensor, txt: torch.Tensor, ns=(100, 500, 1000, 2000), ks=(1, 5, 10)) -> dict:
+    """`retrieval_metrics` on the first N pairs for each N the data allows (all pairs when fewer than the smallest N)."""
+    total = img.shape[0]
+    use = [n for n in ns if n <= total] or [total]
+    return {str(n): retrieval_metrics(img[:n], txt[:n], ks) for n in use}

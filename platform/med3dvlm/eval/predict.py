@@ -1,0 +1,112 @@
+"""Batch predictors for evaluation: callables on numpy batches of shard rows, used as a Ray Data actor pool
+(`map_batches(Embedder|Generator, compute=ActorPoolStrategy(...))`) and directly in tests.
+
+Each output row carries `key` (unique per sample) so that a resumed evaluation skips samples already written.
+A failure on one sample becomes that sample's `error` with an empty prediction; it never loses the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from med3dvlm.data.samples import REPORT_PROMPTS, _rng, closed_prompt, open_prompt
+from med3dvlm.data.transform import to_float
+
+TASKS = ("retrieval", "report", "vqa-closed", "vqa-open")
+
+
+def report_prompt(volume_id: str, seed: int) -> str:
+    """The report request for a volume: one of our templates, fixed by the volume id and the seed."""
+    return REPORT_PROMPTS[int(_rng(str(volume_id), seed).integers(len(REPORT_PROMPTS)))]
+
+
+def expand_samples(batch: dict, task: str, seed: int) -> list[dict]:
+    """Shard rows -> evaluation samples: (batch index, key, prompt, reference, question fields)."""
+    out = []
+    for i, vid in enumerate(batch["volume_id"]):
+        vid = str(vid)
+        if task == "report":
+            out.append({"i": i, "key": vid, "question_type": -1, "question": report_prompt(vid, seed),
+                        "reference": str(batch["report"][i]), "answer_choice": ""})
+            continue
+        qa = batch["qa"][i]
+        for j, q in enumerate([] if qa is None else list(qa)):
+            if q["yes_no"]:
+                continue  # M3D-Bench's VQA test has no yes/no questions
+            prompt = closed_prompt(q)[0] if task == "vqa-closed" else open_prompt(q)[0]
+            out.append({"i": i, "key": f"{vid}#{j}", "question_type": int(q["question_type"]), "question": prompt,
+                        "reference": str(q["answer"]), "answer_choice": str(q["answer_choice"])})
+    return out
+
+
+class Embedder:
+    """Stage-1 (CLIP) features of volumes and their reports."""
+
+    def __init__(self, model_dir: str, device: str = "cpu", threads: int | None = None):
+        from med3dvlm.models.clip import CLIPModel
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.model = CLIPModel.from_pretrained(model_dir).to(self.device).eval()
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        vol = to_float(np.asarray(batch["volume"])).unsqueeze(1).to(self.device)
+        reports = [str(r) for r in batch["report"]]
+        img = self.model.encode_image(vol).float().cpu().numpy()
+        txt = self.model.encode_text(**{k: v.to(self.device) for k, v in self.model.tokenize(reports).items()})
+        return {"volume_id": np.asarray(batch["volume_id"]), "report": np.asarray(reports, dtype=object),
+                "image_embedding": img, "text_embedding": txt.float().cpu().numpy()}
+
+
+class Generator:
+    """Report or VQA answers from a stage-2/3 VLM export, batched greedy (or sampled) generation."""
+
+    def __init__(self, model_dir: str, task: str, device: str = "cpu", max_new_tokens: int = 256,
+                 gen_batch: int = 8, sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
+                 seed: int = 42, done: frozenset = frozenset(), threads: int | None = None, dtype: str | None = None):
+        from med3dvlm.models.vlm import VLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        self.device = torch.device(device)
+        self.model = VLM.from_pretrained(model_dir, dtype=getattr(torch, dtype) if dtype else None).to(self.device).eval()
+        self.task, self.seed, self.done, self.gen_batch = task, seed, done, gen_batch
+        self.gen_kw = {"max_new_tokens": max_new_tokens, "do_sample": sample}
+        if sample:
+            self.gen_kw.update(temperature=temperature, top_p=top_p)
+
+    def _generate(self, vols: torch.Tensor, prompts: list[str]) -> tuple[list[str], list[str]]:
+        try:
+            return self.model.generate(vols, prompts, **self.gen_kw), [""] * len(prompts)
+        except Exception as e:  # one bad sample must not sink its batch: retry one by one
+            if len(prompts) == 1:
+                return [""], [f"{type(e).__name__}: {e}"[:300]]
+            preds, errs = [], []
+            for k in range(len(prompts)):
+                p, err = self._generate(vols[k:k + 1], prompts[k:k + 1])
+                preds += p
+                errs += err
+            return preds, errs
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        samples = [s for s in expand_samples(batch, self.task, self.seed) if s["key"] not in self.done]
+        vols = to_float(np.asarray(batch["volume"]))
+        preds, errors = [], []
+        for k in range(0, len(samples), self.gen_batch):
+            chunk = samples[k:k + self.gen_batch]
+            v = vols[[s["i"] for s in chunk]].unsqueeze(1).to(self.device, dtype=next(self.model.parameters()).dtype)
+            p, e = self._generate(v, [s["question"] for s in chunk])
+            preds += p
+            errors += e
+        cols = {c: np.asarray([s[c] for s in samples], dtype=object) for c in
+                ("key", "question", "reference", "answer_choice")}
+        cols["question_type"] = np.asarray([s["question_type"] for s in samples], dtype=np.int64)
+        cols["volume_id"] = np.asarray([str(batch["volume_id"][s["i"]]) for s in samples], dtype=object)
+        cols["prediction"] = np.asarray(preds, dtype=object)
+        cols["error"] = np.asarray(errors, dtype=object)
+        return cols
