@@ -109,5 +109,25 @@ def test_uploads_zip_of_slices_and_size_limit(tmp_path):
     assert vol.array.shape == (3, 4, 4) and list(vol.array[:, 0, 0]) == [0, 50, 100]
     with pytest.raises(VolumeError, match="exceeds the upload limit"):
         read_upload("scan.zip", buf.getvalue(), max_bytes=10)
-    with pytest.raises(VolumeError, match="unsupported upload format"):
+    with pytest.raises(VolumeError, match="unrecognised content"):
         read_upload("scan.exe", b"MZ")
+
+
+def test_uploads_are_sniffed_by_content_in_every_format(tmp_path):
+    from uploads import good_uploads, volume
+
+    for name, data in good_uploads(tmp_path).items():
+        vol = read_upload("no-extension", data)  # the name plays no part
+        assert vol.array.ndim == 3 and min(vol.array.shape) >= 2, name
+        if name.startswith("scan"):
+            assert vol.array.shape == volume().shape and vol.hu, name
+
+
+@pytest.mark.parametrize("name", ["random.bin", "truncated.nii.gz", "slice.png", "flat.npy", "absurd.npy",
+                                  "pickle.npy", "bomb.zip", "traversal.zip"])
+def test_bad_uploads_are_refused_with_the_reason(name):
+    from uploads import bad_uploads
+
+    data, reason = bad_uploads()[name]
+    with pytest.raises(VolumeError, match=reason):
+        read_upload(name, data)

@@ -197,9 +197,15 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, volume: torch.Tensor, prompts: list[str], max_new_tokens: int = 64, **kw) -> list[str]:
         """Batched greedy generation (left padding, attention mask); returns the decoded answers."""
+        return self.generate_from_features(self.encode_images(volume), prompts, max_new_tokens, **kw)
+
+    @torch.no_grad()
+    def generate_from_features(self, image_tokens: torch.Tensor, prompts: list[str], max_new_tokens: int = 64,
+                               **kw) -> list[str]:
+        """`generate` from `encode_images` output (B, image_tokens, hidden): serving runs the encoder elsewhere."""
         batch = self.collate([self.encode_example(p, None) for p in prompts], left_pad=True)
-        dev = volume.device
-        emb = self.embed(batch["input_ids"].to(dev), self.encode_images(volume))
+        dev = image_tokens.device
+        emb = self.embed(batch["input_ids"].to(dev), image_tokens)
         out = self.llm.generate(inputs_embeds=emb, attention_mask=batch["attention_mask"].to(dev),
                                 max_new_tokens=max_new_tokens, do_sample=kw.pop("do_sample", False),
                                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, **kw)
