@@ -16,9 +16,10 @@ export NLTK_DATA := $(CURDIR)/.venv/nltk_data
 setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
-	@if [ ! -f /usr/share/wordnet/index.sense ] && command -v apt-get >/dev/null; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null) \
-		|| echo "warning: could not install wordnet-base wordnet-sense-index (METEOR needs them)"; fi
+	@if { [ ! -f /usr/share/wordnet/index.sense ] || ! command -v chromedriver >/dev/null; } && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			wordnet-base wordnet-sense-index chromium chromium-driver >/dev/null) \
+		|| echo "warning: could not install wordnet-base wordnet-sense-index chromium chromium-driver"; fi
 	@[ -x $(PY) ] || python3 -m venv .venv
 	$(PY) -m pip install -q --disable-pip-version-check -U pip
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0

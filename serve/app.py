@@ -12,9 +12,9 @@ ingress (OpenAPI at /docs, the web page at /). Arguments (`key=value` after the 
     config         preset or YAML for preprocessing (tiny)     token          bearer token (or $MED3DVLM_SERVE_TOKEN)
     max_upload_mb  upload limit (256)                          cache_size     volumes kept for follow-up questions (64)
     device         cpu | cuda (cpu)                            index_split    only this split in the index (all)
+    replica_cpus   CPUs per replica for every deployment (default: each deployment's own)
 """
 
-from __future__ import annotations
 
 import hashlib
 import hmac
@@ -402,10 +402,15 @@ def build_app(args: dict) -> serve.Application:
     token = args.get("token") or os.environ.get("MED3DVLM_SERVE_TOKEN") or None
     device = args.get("device", "cpu")
     data_cfg = {"window": list(cfg.data.window), "window_mode": cfg.data.window_mode}
-    retriever = Retriever.bind(clip, index, args.get("index_split"), args.get("index_split_field", "split")) \
-        if clip else None
+    cpus = args.get("replica_cpus")  # one CPU figure for every deployment (small machines, tests)
+
+    def opt(d):
+        return d.options(ray_actor_options={"num_cpus": float(cpus)}) if cpus is not None else d
+
     info = {"path": str(model), "encoder": meta["model"]["encoder"], "input_shape": meta["input_shape"],
             "llm": meta["model"]["llm"], "lora": meta["lora"]}
-    return Api.bind(Preprocessor.bind(meta["input_shape"], data_cfg, max_bytes), Encoder.bind(model, device),
-                    Generator.bind(model, device), retriever, VolumeCache.bind(int(args.get("cache_size", 64))),
-                    token, max_bytes, info)
+    retriever = opt(Retriever).bind(clip, index, args.get("index_split"), args.get("index_split_field", "split")) \
+        if clip else None
+    return opt(Api).bind(opt(Preprocessor).bind(meta["input_shape"], data_cfg, max_bytes), opt(Encoder).bind(model, device),
+                         opt(Generator).bind(model, device), retriever,
+                         opt(VolumeCache).bind(int(args.get("cache_size", 64))), token, max_bytes, info)

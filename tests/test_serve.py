@@ -1,0 +1,191 @@
+"""The Ray Serve app over real HTTP on 127.0.0.1, serving the tiny models trained by the `chain` fixture."""
+
+import concurrent.futures as cf
+import socket
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from uploads import bad_uploads, good_uploads, nifti_bytes, npy_bytes, volume
+
+TOKEN = "s3cret-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(chain, shards):
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = {"model": chain[3]["export"], "replica_cpus": 0.1, "max_upload_mb": 8, "cache_size": 4}
+    serve.run(build_app({**common, "clip": chain[1]["export"], "index": str(shards[0]), "token": TOKEN}),
+              name="med", route_prefix="/")
+    serve.run(build_app(common), name="open", route_prefix="/open")
+    base = f"http://127.0.0.1:{port}"
+    yield base
+    serve.shutdown()
+
+
+def auth():
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def post(base, path, files=None, data=None, headers=None, timeout=120):
+    return requests.post(base + path, files=files, data=data, headers=auth() if headers is None else headers,
+                         timeout=timeout)
+
+
+def test_health_docs_and_page(served):
+    h = requests.get(served + "/healthz", timeout=30).json()
+    assert h["status"] == "ok" and h["retrieval"] is True and h["model"]["encoder"] == "nano"
+    assert "/v1/report" in requests.get(served + "/openapi.json", timeout=30).json()["paths"]
+    assert requests.get(served + "/docs", timeout=30).status_code == 200
+    assert "<input id=\"file\"" in requests.get(served + "/", timeout=30).text
+
+
+def test_report_for_every_upload_format(served, tmp_path):
+    for name, data in good_uploads(tmp_path).items():
+        r = post(served, "/v1/report", files={"file": (name, data)}, data={"max_new_tokens": 8})
+        assert r.status_code == 200, (name, r.text)
+        j = r.json()
+        assert isinstance(j["report"], str) and j["preprocessing"]["output_shape"] == [32, 64, 64]
+        assert j["timings"]["encode_s"] > 0 and j["decoding"]["temperature"] == 0.0
+        if name.startswith("scan") or name == "dicom.zip":
+            assert j["preprocessing"]["hu_window"] is not None, name  # raw CT gets the HU window
+
+
+def test_vqa_by_volume_id_with_choices_and_open(served):
+    up = post(served, "/v1/upload", files={"file": ("scan.nii.gz", nifti_bytes(volume()))})
+    assert up.status_code == 200
+    vid = up.json()["volume_id"]
+    closed = post(served, "/v1/vqa", data={"volume_id": vid, "question": "Which organ?", "choice_a": "Liver",
+                                           "choice_b": "Spleen", "choice_c": "Kidney", "max_new_tokens": 6})
+    assert closed.status_code == 200, closed.text
+    j = closed.json()
+    assert j["volume_id"] == vid and j["choice"] in (None, "A", "B", "C")
+    opened = post(served, "/v1/vqa", data={"volume_id": vid, "question": "Where is the lesion?", "max_new_tokens": 6})
+    assert opened.status_code == 200 and opened.json()["choice"] is None
+    png = requests.get(f"{served}/v1/volumes/{vid}/slice/1/5", headers=auth(), timeout=30)
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+
+
+def test_retrieval_by_text_and_by_volume(served, shards):
+    from med3dvlm.data.shards import read_table
+
+    t = read_table(shards[0], ["volume_id", "report"])
+    r = post(served, "/v1/retrieve", data={"text": t["report"][0].as_py(), "k": 3})
+    assert r.status_code == 200
+    hits = r.json()["results"]
+    assert len(hits) == 3 and {h["volume_id"] for h in hits} <= set(t["volume_id"].to_pylist())
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    r = post(served, "/v1/retrieve", files={"file": ("v.npy", npy_bytes(volume()))},
+             data={"k": 2})
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+
+
+@pytest.mark.parametrize("name", sorted(bad_uploads()))
+def test_bad_uploads_get_a_4xx_with_the_reason(served, name):
+    data, reason = bad_uploads()[name]
+    r = post(served, "/v1/report", files={"file": (name, data)})
+    assert r.status_code == 400 and reason in r.json()["detail"], r.text
+
+
+def test_limits_auth_and_bad_requests(served):
+    vol = nifti_bytes(volume())
+    assert post(served, "/v1/report", files={"file": ("big.npy", b"\x93NUMPY" + b"\0" * (10 << 20))}).status_code == 413
+    assert post(served, "/v1/report", files={"file": ("s.nii.gz", vol)}, headers={}).status_code == 401
+    assert post(served, "/v1/report", files={"file": ("s.nii.gz", vol)},
+                headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert post(served, "/v1/vqa", data={"question": "  ", "volume_id": "x"}).status_code == 400
+    assert post(served, "/v1/vqa", data={"question": "Which?", "volume_id": "nope"}).status_code == 404
+    assert post(served, "/v1/report", files={"file": ("s.nii.gz", vol)}, data={"max_new_tokens": 100000}).status_code == 422
+    assert post(served, "/v1/report", files={"file": ("s.nii.gz", vol)}, data={"temperature": -1}).status_code == 422
+    # auth off: the second app has no token
+    r = post(served, "/open/v1/report", files={"file": ("s.nii.gz", vol)}, data={"max_new_tokens": 4}, headers={})
+    assert r.status_code == 200, r.text
+    assert post(served, "/open/v1/retrieve", data={"text": "liver"}, headers={}).status_code == 404  # not configured
+    assert requests.get(served + "/healthz", timeout=30).status_code == 200  # still serving
+
+
+def test_200_concurrent_mixed_requests_without_a_5xx(served, shards):
+    up = post(served, "/v1/upload", files={"file": ("scan.nii.gz", nifti_bytes(volume(seed=3)))}).json()["volume_id"]
+    bad = bad_uploads()
+
+    def one(i):
+        kind = i % 5
+        if kind == 0:
+            return post(served, "/v1/retrieve", data={"text": "lesion in the liver", "k": 2}).status_code
+        if kind == 1:
+            return post(served, "/v1/vqa", data={"volume_id": up, "question": "Which plane?", "choice_a": "Axial",
+                                                 "choice_b": "Coronal", "max_new_tokens": 3}).status_code
+        if kind == 2:
+            name = sorted(bad)[i % len(bad)]
+            return post(served, "/v1/report", files={"file": (name, bad[name][0])}).status_code
+        if kind == 3:
+            return requests.get(served + "/healthz", timeout=120).status_code
+        return post(served, "/v1/report", data={"volume_id": up, "max_new_tokens": 3}).status_code
+
+    t = time.time()
+    with cf.ThreadPoolExecutor(16) as ex:
+        codes = list(ex.map(one, range(200)))
+    assert not [c for c in codes if c >= 500], codes
+    assert codes.count(200) == 160 and all(c == 400 for i, c in enumerate(codes) if i % 5 == 2)
+    assert time.time() - t < 600
+
+
+def test_batched_encoder_equals_unbatched(served):
+
+    from ray import serve
+
+    h = serve.get_deployment_handle("Encoder", app_name="med")
+    vols = [np.random.default_rng(i).integers(0, 255, (32, 64, 64), dtype=np.uint8) for i in range(6)]
+    batched = [r.result() for r in [h.encode.remote(v) for v in vols]]
+    single = [h.unbatched.remote(v).result() for v in vols]
+    for a, b in zip(batched, single):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert h.stats.remote().result()["max_batch"] > 1  # requests really were batched
+
+
+def test_web_page_uploads_a_volume_and_shows_a_report(served, tmp_path):
+    import shutil
+
+    driver_path, browser = shutil.which("chromedriver"), shutil.which("chromium")
+    if not (driver_path and browser):
+        pytest.skip("chromium and chromium-driver (Debian) are not installed; `make setup` installs them")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    f = tmp_path / "scan.nii.gz"
+    f.write_bytes(nifti_bytes(volume()))
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        drv.get(served + "/")
+        drv.find_element(By.ID, "token").send_keys(TOKEN)
+        drv.find_element(By.ID, "file").send_keys(str(f))
+        drv.find_element(By.ID, "upload").click()
+        WebDriverWait(drv, 60).until(lambda d: "volume " in d.find_element(By.ID, "status").text)
+        WebDriverWait(drv, 30).until(lambda d: d.find_element(By.ID, "img0").get_attribute("src").startswith("blob:"))
+        drv.find_element(By.ID, "max_tokens").clear()
+        drv.find_element(By.ID, "max_tokens").send_keys("8")
+        drv.find_element(By.ID, "report").click()
+        WebDriverWait(drv, 120).until(lambda d: d.find_element(By.ID, "report_out").text not in ("", "generating..."))
+        text = drv.find_element(By.ID, "report_out").text
+        assert text.rstrip().endswith(" s]") and not text.startswith(("4", "5")), text  # a report and its timing
+    finally:
+        drv.quit()
