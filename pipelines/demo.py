@@ -30,6 +30,8 @@ def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--out", default="out/demo")
     p.add_argument("--cases", type=int, default=100)
+    p.add_argument("--shuffle-choices", action="store_true",
+                   help="shuffle closed-VQA choices as M3D does (default: a fixed order per question type)")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     started = time.time()
@@ -39,7 +41,7 @@ def main(argv=None):
     from pipelines.train import train
 
     t = time.time()
-    counts = write_m3d_tree(out / "raw", cases=args.cases, seed=0, bad=True)
+    counts = write_m3d_tree(out / "raw", cases=args.cases, seed=0, bad=True, shuffle_choices=args.shuffle_choices)
     print(f"[demo] synthetic M3D tree: {counts['volumes']} volumes of {counts['cases']} cases, {counts['qa']} questions, "
           f"{counts['planted_bad']} planted bad inputs ({time.time() - t:.0f} s)")
     init_ray()

@@ -33,6 +33,8 @@ def count_samples(cfg, stage: int, shards: str) -> int:
     from med3dvlm.data.shards import read_table
 
     t = read_table(shards, ["volume_id", "report", "qa"], split="train", split_field=cfg.train.split_field)
+    if cfg.train.max_train_volumes > 0:
+        t = t.slice(0, cfg.train.max_train_volumes)
     if stage == 1:
         return len(t)
     splits = qa_splits(cfg, stage)
@@ -45,6 +47,8 @@ def build_dataset(cfg, stage: int, shards: str):
 
     cols = ["volume_id", "volume", "report"] + (["qa"] if stage > 1 else [])
     ds = read_shards(shards, split="train", split_field=cfg.train.split_field, columns=cols)
+    if cfg.train.max_train_volumes > 0:
+        ds = ds.limit(cfg.train.max_train_volumes)
     aug = augment if cfg.train.augment else as_float
     if stage == 1:
         return ds.map_batches(aug, batch_size=8).map_batches(
@@ -98,8 +102,26 @@ def check_resources(cfg) -> None:
                         f"the cluster has {res.get('GPU', 0):g}")
 
 
-def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=print) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def build_validation(cfg, shards: str):
+    """Stage-1 validation pairs (no augmentation), given whole to every worker."""
+    from med3dvlm.data.samples import as_float, tokenize_reports
+    from med3dvlm.data.shards import read_shards
+
+    ds = read_shards(shards, split=cfg.train.validation_split, split_field=cfg.train.split_field,
+                     columns=["volume_id", "volume", "report"])
+    return ds.map_batches(as_float, batch_size=8).map_batches(
+        tokenize_reports, batch_size=16, fn_kwargs={"text_encoder": cfg.model.text_encoder, "max_len": cfg.model.text_max_len})
+
+
+def count_validation(cfg, shards: str) -> int:
+    from med3dvlm.data.shards import read_table
+
+    return len(read_table(shards, ["volume_id"], split=cfg.train.validation_split, split_field=cfg.train.split_field))
+
+
+def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=print, callbacks=None,
+          name: str | None = None) -> dict:
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from med3dvlm.train.loop import train_loop_per_worker
@@ -108,6 +130,10 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
     if stage not in (1, 2, 3):
         raise UserError(f"--stage must be 1, 2 or 3, not {stage}")
     manifest = check_inputs(cfg, stage, shards, init)
+    validate = stage == 1 and cfg.train.eval_every > 0
+    if validate and count_validation(cfg, shards) < 2:
+        raise UserError(f"train.eval_every needs validation pairs: --shards {shards} has fewer than 2 rows with "
+                        f"{cfg.train.split_field}={cfg.train.validation_split}")
     init_ray()
     check_resources(cfg)
     st = cfg.stage(stage)
@@ -123,6 +149,9 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
     export.mkdir(parents=True, exist_ok=True)
     log(f"[train] stage {stage}: {n} samples, {steps_per_epoch} steps/epoch x {st.epochs:g} epochs = {total} steps "
         f"on {cfg.train.num_workers} workers ({'GPU' if cfg.train.use_gpu else 'CPU'}, ZeRO-{cfg.train.zero_stage})")
+    datasets = {"train": build_dataset(cfg, stage, shards)}
+    if validate:
+        datasets["validation"] = build_validation(cfg, shards)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "init": str(Path(init).resolve()) if init else None,
@@ -130,10 +159,11 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
                            "tensorboard": str(export / "tensorboard")},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=RunConfig(name=f"stage{stage}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(Path(out).resolve() / "ray"),
+        run_config=RunConfig(name=name or f"stage{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
+                             storage_path=str(Path(out).resolve() / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
-        datasets={"train": build_dataset(cfg, stage, shards)},
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures), callbacks=callbacks),
+        datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     if result.error:

@@ -13,6 +13,8 @@ ingress (OpenAPI at /docs, the web page at /). Arguments (`key=value` after the 
     max_upload_mb  upload limit (256)                          cache_size     volumes kept for follow-up questions (64)
     device         cpu | cuda (cpu)                            index_split    only this split in the index (all)
     replica_cpus   CPUs per replica for every deployment (default: each deployment's own)
+    gpus_per_replica  GPUs for each Encoder and Generator replica when device=cuda (1)
+    replicas       a fixed number of Encoder and Generator replicas instead of autoscaling
 """
 
 
@@ -404,13 +406,21 @@ def build_app(args: dict) -> serve.Application:
     data_cfg = {"window": list(cfg.data.window), "window_mode": cfg.data.window_mode}
     cpus = args.get("replica_cpus")  # one CPU figure for every deployment (small machines, tests)
 
-    def opt(d):
-        return d.options(ray_actor_options={"num_cpus": float(cpus)}) if cpus is not None else d
+    gpus = float(args.get("gpus_per_replica", 1)) if device.startswith("cuda") else 0
+
+    fixed = args.get("replicas")  # a fixed replica count for Encoder and Generator (benchmarks), no autoscaling
+
+    def opt(d, gpu: bool = False):
+        res = {"num_cpus": float(cpus)} if cpus is not None else {}
+        if gpu and gpus:
+            res["num_gpus"] = gpus
+        d = d.options(ray_actor_options={**d.ray_actor_options, **res}) if res else d
+        return d.options(num_replicas=int(fixed), autoscaling_config=None) if gpu and fixed else d
 
     info = {"path": str(model), "encoder": meta["model"]["encoder"], "input_shape": meta["input_shape"],
             "llm": meta["model"]["llm"], "lora": meta["lora"]}
     retriever = opt(Retriever).bind(clip, index, args.get("index_split"), args.get("index_split_field", "split")) \
         if clip else None
-    return opt(Api).bind(opt(Preprocessor).bind(meta["input_shape"], data_cfg, max_bytes), opt(Encoder).bind(model, device),
-                         opt(Generator).bind(model, device), retriever,
+    return opt(Api).bind(opt(Preprocessor).bind(meta["input_shape"], data_cfg, max_bytes), opt(Encoder, True).bind(model, device),
+                         opt(Generator, True).bind(model, device), retriever,
                          opt(VolumeCache).bind(int(args.get("cache_size", 64))), token, max_bytes, info)

@@ -119,16 +119,17 @@ def case_text(case: Case, seed: int) -> str:
     )
 
 
-def _choices(answer: str, pool: list[str], rng: np.random.Generator) -> tuple[list[str], str]:
+def _choices(answer: str, pool: list[str], rng: np.random.Generator, shuffle: bool = True) -> tuple[list[str], str]:
+    """Answer + up to 3 distractors: in random order as M3D's, or (shuffle=False) in the pool's fixed order."""
     options = [answer] + [p for p in pool if p != answer][:3]
     order = rng.permutation(len(options))
-    options = [options[i] for i in order]
+    options = [options[i] for i in order] if shuffle else sorted(options, key=lambda o: pool.index(o) if o in pool else -1)
     while len(options) < 4:
         options.append("NA")
     return options, "ABCD"[options.index(answer)]
 
 
-def vqa_rows(case: Case, plane: str, phase: str, image: str, text: str, seed: int) -> list[list]:
+def vqa_rows(case: Case, plane: str, phase: str, image: str, text: str, seed: int, shuffle: bool = True) -> list[list]:
     rng = np.random.default_rng([seed, int(case.case_id), PLANES.index(plane), list(PHASES).index(phase)])
     qs = [
         (1, "In which plane is this CT image displayed?", plane, ["Axial", "Coronal", "Sagittal", "Oblique"]),
@@ -140,7 +141,7 @@ def vqa_rows(case: Case, plane: str, phase: str, image: str, text: str, seed: in
     ]
     rows = []
     for qtype, q, ans, pool in qs:
-        opts, letter = _choices(ans, pool, rng)
+        opts, letter = _choices(ans, pool, rng, shuffle)
         rows.append([image, text, qtype, q, *opts, ans, letter])
     return rows
 
@@ -173,8 +174,13 @@ def write_m3d_tree(
     shape: tuple[int, int, int] = (40, 48, 64),
     bad: bool = False,
     splits: tuple[float, float] = (0.7, 0.1),
+    shuffle_choices: bool = True,
 ) -> dict:
-    """Write `out/M3D_Cap/...`, `out/M3D_Cap.json`, `out/M3D_VQA_*.csv`. Returns counts."""
+    """Write `out/M3D_Cap/...`, `out/M3D_Cap.json`, `out/M3D_VQA_*.csv`. Returns counts.
+
+    `shuffle_choices=False` lists each question type's choices in one fixed order (M3D shuffles them): closed VQA
+    then measures what the model sees, not whether a tiny LLM trained from scratch can copy a letter from the prompt.
+    """
     out = Path(out)
     root = out / "M3D_Cap"
     entries, vqa, yn = [], {}, []
@@ -191,7 +197,7 @@ def write_m3d_tree(
             _write_png_series(case_dir / series, vol, PLANES.index(plane))
             image = f"M3D_Cap_npy/{case.folder}/{case.case_id}/{series}.npy"
             entries.append({"image": image, "text": f"M3D_Cap_npy/{case.folder}/{case.case_id}/text.txt", "_case": case})
-            vqa[image] = vqa_rows(case, plane, phase, image, findings, seed)
+            vqa[image] = vqa_rows(case, plane, phase, image, findings, seed, shuffle_choices)
             yn.append((image, yn_rows(case, image, findings)))
     # official split: per image file, as M3D (so cases leak across splits, as upstream)
     rng = np.random.default_rng([seed, 7])

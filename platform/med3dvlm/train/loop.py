@@ -141,6 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
     history, step = [], start
     writer = _tb_writer(config.get("tensorboard")) if rank == 0 else None
     ckpt_every = cfg.train.checkpoint_every or steps_per_epoch
+    validate = stage == 1 and cfg.train.eval_every > 0
     t_last = time.perf_counter()
     while step < total:
         epoch = step // steps_per_epoch
@@ -188,8 +189,15 @@ def train_loop_per_worker(config: dict) -> None:
                     if k not in ("step", "epoch"):
                         writer.add_scalar(f"stage{stage}/{k}", v, step)
             step += 1
+            if validate and (step % cfg.train.eval_every == 0 or step == total):
+                m.update(validate_stage1(engine.module, device))
+                if writer:
+                    for k in ("val_loss", "val_R@1"):
+                        writer.add_scalar(f"stage1/{k}", m[k], step - 1)
             if step % ckpt_every == 0 or step == total:
                 _save_and_report(engine, m, step - 1)
+            elif validate and step % cfg.train.eval_every == 0:
+                ray.train.report(dict(m))  # validation figures between checkpoints (Tune's schedulers read them)
             t_wait = time.perf_counter()
         if step < min(total, (epoch + 1) * steps_per_epoch):
             raise RuntimeError(f"rank {rank}: the dataset shard ran dry at step {step} of {total}")
@@ -199,6 +207,31 @@ def train_loop_per_worker(config: dict) -> None:
         export_model(engine, engine.module, config["export"], cfg.train.zero_stage)
         if rank == 0:
             Path(config["export"], "history.json").write_text(json.dumps(history))
+
+
+@torch.no_grad()
+def validate_stage1(model, device) -> dict:
+    """Sigmoid loss and retrieval recall on the whole validation split (every worker holds all of it)."""
+    import ray.train
+    import torch.nn.functional as F
+
+    from med3dvlm.eval.retrieval import retrieval_metrics
+
+    was = model.training
+    model.eval()
+    imgs, txts = [], []
+    for b in ray.train.get_dataset_shard("validation").iter_torch_batches(batch_size=16):
+        imgs.append(model.encode_image(b["volume"].to(device).float().unsqueeze(1)).float())
+        txts.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)).float())
+    model.train(was)
+    img, txt = torch.cat(imgs), torch.cat(txts)
+    logits = model.loss_fn.logits(img, txt)
+    labels = 2 * torch.eye(len(img), device=logits.device) - 1
+    r = retrieval_metrics(img.cpu(), txt.cpu(), ks=(1, 5))
+    out = {"val_loss": float(-F.logsigmoid(labels * logits).sum() / len(img)), "val_n": len(img)}
+    out.update({f"val_{k}": v for k, v in r.items() if k != "n"})
+    out["val_R@1"] = (r["image_to_text_R@1"] + r["text_to_image_R@1"]) / 2
+    return out
 
 
 def _save_and_report(engine, metrics: dict, step: int) -> None:

@@ -1,0 +1,271 @@
+"""Ray Tune sweep of the SigLIP temperature and bias initialisation (and whether each is learned) for stage 1.
+
+    python -m tuning.siglip_sweep --config tiny --shards DIR --out DIR --trials 8 [--search random|grid|optuna]
+        [--t-init LO,HI] [--b-init LO,HI] [--learn-t both|true|false] [--learn-b both|true|false]
+        [--steps 60] [--eval-every 10] [--subset 0] [--metric val_R@1] [--resume] [key=value ...]
+
+Each trial is a Tune function trainable that runs `pipelines.train.train(stage=1)` (the same TorchTrainer, DeepSpeed
+and Ray Data path as `pipelines.train --stage 1`) on a fixed step budget, reporting validation loss and retrieval R@1
+(both directions; `val_R@1` is their mean) every `--eval-every` steps, so ASHA stops weak trials early.
+`--t-init` is the range of t' = log t (default log 1 .. log 100, around SigLIP's log 10); `--b-init` the bias range.
+Trials run concurrently as far as the cluster's CPUs/GPUs allow. Outputs in --out: `best.yaml` (a config
+`pipelines.train --config` takes), `trials.csv` and `trials.md`, `sweep.png`, and the best trial's stage-1 export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from pipelines.common import UserError, config_from_args, init_ray, run_main
+
+SWEEP_NAME = "siglip-sweep"
+
+
+def parse_range(text: str, what: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--{what} {text!r}: expected LO,HI") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        raise UserError(f"--{what} {text!r}: empty or inverted range (need LO <= HI)")
+    return lo, hi
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--shards", required=True)
+    p.add_argument("--out", default="out/sweep")
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--search", default="random", choices=["random", "grid", "optuna"])
+    p.add_argument("--t-init", default=f"0,{math.log(100):.4f}", help="range of t' = log t")
+    p.add_argument("--b-init", default="-15,0")
+    p.add_argument("--learn-t", default="both", choices=["both", "true", "false"])
+    p.add_argument("--learn-b", default="both", choices=["both", "true", "false"])
+    p.add_argument("--steps", type=int, default=60, help="training steps per trial")
+    p.add_argument("--eval-every", type=int, default=10, help="steps between validation reports (ASHA's rungs)")
+    p.add_argument("--subset", type=int, default=0, help="train each trial on the first N training volumes (0: all)")
+    p.add_argument("--metric", default="val_R@1", choices=["val_R@1", "val_loss"])
+    p.add_argument("--grace", type=int, default=1, help="ASHA grace period, in validation reports")
+    p.add_argument("--max-steps-total", type=int, default=0, help="refuse sweeps over this many steps in all (0: no cap)")
+    p.add_argument("--resume", action="store_true", help="restore an interrupted sweep in --out; finished trials stay")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    a.t_range, a.b_range = parse_range(a.t_init, "t-init"), parse_range(a.b_init, "b-init")
+    if a.trials < 1 or a.steps < 1 or a.eval_every < 1:
+        raise UserError("--trials, --steps and --eval-every must be positive")
+    if a.eval_every > a.steps:
+        raise UserError(f"--eval-every {a.eval_every} > --steps {a.steps}: no trial would report a validation figure")
+    if a.max_steps_total and a.trials * a.steps > a.max_steps_total:
+        raise UserError(f"{a.trials} trials x {a.steps} steps = {a.trials * a.steps} exceeds --max-steps-total "
+                        f"{a.max_steps_total}")
+    return a
+
+
+def _bools(choice: str) -> list[bool]:
+    return {"both": [True, False], "true": [True], "false": [False]}[choice]
+
+
+def search_space(a) -> dict:
+    from ray import tune
+
+    if a.search == "grid":  # points per axis so that the grid has about --trials points
+        lt, lb = _bools(a.learn_t), _bools(a.learn_b)
+        k = max(1, round((a.trials / (len(lt) * len(lb))) ** 0.5))
+        pts = lambda lo, hi: [hi - (hi - lo) * i / (k - 1) for i in range(k)] if k > 1 else [(lo + hi) / 2]  # noqa: E731
+        # high t' first: with ASHA the first trials to reach a rung set the bar the later ones must clear
+        return {"t_init": tune.grid_search(pts(*a.t_range)), "b_init": tune.grid_search(pts(*a.b_range)),
+                "learn_t": tune.grid_search(lt), "learn_b": tune.grid_search(lb)}
+    return {"t_init": tune.uniform(*a.t_range), "b_init": tune.uniform(*a.b_range),
+            "learn_t": tune.choice(_bools(a.learn_t)), "learn_b": tune.choice(_bools(a.learn_b))}
+
+
+def trial_config(base: dict, params: dict, steps: int, eval_every: int, subset: int):
+    from med3dvlm.config import config_from_dict
+
+    cfg = config_from_dict(base)
+    loss = cfg.model.loss
+    loss.t_init, loss.b_init = float(params["t_init"]), float(params["b_init"])
+    loss.learn_t, loss.learn_b = bool(params["learn_t"]), bool(params["learn_b"])
+    st = cfg.train.stage1
+    st.max_steps, st.epochs = steps, max(st.epochs, 10_000)  # the step budget decides
+    cfg.train.eval_every, cfg.train.max_train_volumes = eval_every, subset
+    cfg.train.checkpoint_every = steps  # one checkpoint per trial (its export is what is kept)
+    cfg.train.max_failures = 0
+    return cfg
+
+
+def run_trial(config: dict) -> None:
+    """The Tune function trainable: one short stage-1 training; Train forwards its reports to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.train import train
+
+    s = config["sweep"]
+    cfg = trial_config(s["base"], config, s["steps"], s["eval_every"], s["subset"])
+    out = Path(ray.tune.get_context().get_trial_dir())
+    train(cfg, 1, s["shards"], str(out), log=lambda *_: None, callbacks=[TuneReportCallback()], name="train")
+
+
+def max_concurrent(cfg, cluster: dict) -> int:
+    """Trials that fit at once: each holds its Train workers plus one CPU for its Ray Data tasks (no deadlock)."""
+    per_trial_cpu = cfg.train.num_workers * cfg.train.cpus_per_worker + 1
+    n = int(cluster.get("CPU", 0) // per_trial_cpu)
+    if cfg.train.use_gpu:
+        n = min(n, int(cluster.get("GPU", 0) // cfg.train.num_workers))
+    if n < 1:
+        need = f"{per_trial_cpu:g} CPUs" + (f" and {cfg.train.num_workers} GPUs" if cfg.train.use_gpu else "")
+        raise UserError(f"one trial needs {need}; the cluster has {cluster.get('CPU', 0):g} CPUs, "
+                        f"{cluster.get('GPU', 0):g} GPUs")
+    return n
+
+
+def check_shards(cfg, shards: str) -> None:
+    from pipelines.train import count_validation
+
+    if not list((Path(shards) / "volumes").glob("part-*.parquet")):
+        raise UserError(f"--shards {shards}: no shards there (volumes/part-*.parquet); run pipelines.preprocess")
+    if count_validation(cfg, shards) < 2:
+        raise UserError(f"--shards {shards}: fewer than 2 '{cfg.train.validation_split}' rows in field "
+                        f"'{cfg.train.split_field}': the sweep needs a validation split to score trials")
+
+
+def sweep(a, log=print) -> dict:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    started = time.time()
+    cfg = config_from_args(a)
+    check_shards(cfg, a.shards)
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray()
+    import ray
+
+    conc = max_concurrent(cfg, ray.cluster_resources())
+    mode = "max" if a.metric == "val_R@1" else "min"
+    space = {**search_space(a), "sweep": {"base": cfg.to_dict(), "shards": str(Path(a.shards).resolve()),
+                                          "steps": a.steps, "eval_every": a.eval_every, "subset": a.subset}}
+    n_reports = math.ceil(a.steps / a.eval_every)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=n_reports, grace_period=min(a.grace, n_reports),
+                              reduction_factor=2)
+    algo = None
+    if a.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            raise UserError("--search optuna needs the `optuna` package (not in requirements.txt)") from None
+        algo = OptunaSearch()
+    trainable = tune.with_resources(run_trial, {"CPU": 0.1})  # the driver only waits; Train's workers hold the CPUs
+    path = out / SWEEP_NAME
+    if a.resume:
+        if not tune.Tuner.can_restore(str(path)):
+            raise UserError(f"--resume: no sweep to restore in {path}")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    else:
+        if path.exists():
+            shutil.rmtree(path)
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(metric=a.metric, mode=mode, scheduler=scheduler, search_alg=algo,
+                                        num_samples=1 if a.search == "grid" else a.trials,
+                                        max_concurrent_trials=conc),
+            run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=str(out)))
+    log(f"[sweep] {a.trials if a.search != 'grid' else 'grid of'} trials, {a.steps} steps each, {conc} at a time, "
+        f"ASHA on {a.metric} every {a.eval_every} steps -> {out}")
+    results = tuner.fit()
+    return summarize(a, cfg, results, out, started, log)
+
+
+def summarize(a, cfg, results, out: Path, started: float, log) -> dict:
+    from med3dvlm.config import save_config
+
+    mode = "max" if a.metric == "val_R@1" else "min"
+    rows = []
+    for r in results:
+        if r.config is None:
+            continue
+        hist = r.metrics_dataframe
+        vals = [] if hist is None or a.metric not in hist else [v for v in hist[a.metric].tolist() if v == v]
+        m = r.metrics or {}
+        rows.append({
+            "trial": Path(r.path).name, "t_init": r.config["t_init"], "b_init": r.config["b_init"],
+            "learn_t": r.config["learn_t"], "learn_b": r.config["learn_b"],
+            "reports": len(vals), "stopped_early": len(vals) < math.ceil(a.steps / a.eval_every),
+            "final": vals[-1] if vals else None, "best": (max(vals) if mode == "max" else min(vals)) if vals else None,
+            "final_val_loss": m.get("val_loss"), "final_t": m.get("t"), "final_b": m.get("b"),
+            "error": str(r.error).splitlines()[0][:200] if r.error else "", "path": r.path})
+    scored = [r for r in rows if r["best"] is not None and not r["error"]]
+    if not scored:
+        raise UserError(f"no trial reported {a.metric}; see {out / SWEEP_NAME}")
+    best = (max if mode == "max" else min)(scored, key=lambda r: r["best"])
+    best_cfg = trial_config(cfg.to_dict(), best, 1, 0, 0)
+    final = config_from_args(a)  # the user's training settings, with the best loss initialisation
+    final.model.loss = best_cfg.model.loss
+    save_config(final, out / "best.yaml")
+    export = Path(best["path"]) / "stage1"
+    if export.is_dir():
+        shutil.copytree(export, out / "best-stage1", dirs_exist_ok=True)
+    with open(out / "trials.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    md = [f"| trial | t' init (t) | b init | learn t | learn b | reports | stopped early | final {a.metric} | "
+          f"best {a.metric} | final t | final b |", "|---|--:|--:|:-:|:-:|--:|:-:|--:|--:|--:|--:|"]
+    fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in sorted(rows, key=lambda r: -(r["best"] or -1e9) if mode == "max" else (r["best"] or 1e9)):
+        md.append(f"| {r['trial'][-14:]} | {r['t_init']:.2f} ({math.exp(r['t_init']):.1f}) | {r['b_init']:.2f} | "
+                  f"{'y' if r['learn_t'] else 'n'} | {'y' if r['learn_b'] else 'n'} | {r['reports']} | "
+                  f"{'yes' if r['stopped_early'] else ''} | {fmt(r['final'])} | {fmt(r['best'])} | {fmt(r['final_t'])} | "
+                  f"{fmt(r['final_b'])} |")
+    (out / "trials.md").write_text("\n".join(md) + "\n")
+    plot(rows, a.metric, out / "sweep.png")
+    summary = {"best": {k: best[k] for k in ("t_init", "b_init", "learn_t", "learn_b", "best", "trial")},
+               "metric": a.metric, "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
+               "errors": sum(bool(r["error"]) for r in rows), "best_config": str(out / "best.yaml"),
+               "best_export": str(out / "best-stage1") if export.is_dir() else None,
+               "wall_s": round(time.time() - started, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    log("\n".join(md))
+    log(f"[sweep] best {a.metric} {best['best']:.3f}: t'={best['t_init']:.3f} b={best['b_init']:.3f} "
+        f"learn_t={best['learn_t']} learn_b={best['learn_b']}; {summary['stopped_early']} of {len(rows)} stopped early; "
+        f"config {out / 'best.yaml'} (pipelines.train --config takes it), {time.time() - started:.0f} s")
+    return summary
+
+
+def plot(rows: list[dict], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    pts = [r for r in rows if r["best"] is not None]
+    sc = ax.scatter([r["t_init"] for r in pts], [r["b_init"] for r in pts], c=[r["best"] for r in pts], s=120,
+                    cmap="viridis", edgecolors=["red" if r["stopped_early"] else "black" for r in pts])
+    for r in pts:
+        ax.annotate(("T" if r["learn_t"] else "t") + ("B" if r["learn_b"] else "b"), (r["t_init"], r["b_init"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=7)
+    fig.colorbar(sc, ax=ax, label=f"best {metric}")
+    ax.set_xlabel("t' init (log temperature)")
+    ax.set_ylabel("b init")
+    ax.set_title("SigLIP init sweep (red edge: stopped early by ASHA; T/B: learned)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    return sweep(parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    run_main(main)
