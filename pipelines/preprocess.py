@@ -117,11 +117,15 @@ def summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def arg_parser():
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--raw", required=True, help="raw data root (M3D layout, or volumes + reports.csv/json)")
     p.add_argument("--out", required=True, help="output folder for volumes/part-*.parquet and manifest.json")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = arg_parser().parse_args(argv)
     cfg = config_from_args(args)
     if not Path(args.raw).is_dir():
         raise UserError(f"--raw {args.raw}: folder does not exist")

@@ -216,13 +216,17 @@ def plot_curves(history: list[dict], path: Path, stage: int) -> None:
     plt.close(fig)
 
 
-def main(argv=None):
+def arg_parser():
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--stage", type=int, required=True, choices=[1, 2, 3])
     p.add_argument("--shards", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--init", default=None, help="the previous stage's export (required for stages 2 and 3)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = arg_parser().parse_args(argv)
     cfg = config_from_args(args)
     return train(cfg, args.stage, args.shards, args.out, args.init)
 
