@@ -147,6 +147,7 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
         total = min(total, st.max_steps)
     export = Path(out).resolve() / f"stage{stage}"
     export.mkdir(parents=True, exist_ok=True)
+    (export / "placement.json").unlink(missing_ok=True)  # the loop appends one entry per (re)start of this run
     log(f"[train] stage {stage}: {n} samples, {steps_per_epoch} steps/epoch x {st.epochs:g} epochs = {total} steps "
         f"on {cfg.train.num_workers} workers ({'GPU' if cfg.train.use_gpu else 'CPU'}, ZeRO-{cfg.train.zero_stage})")
     datasets = {"train": build_dataset(cfg, stage, shards)}
@@ -158,7 +159,8 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
                            "steps_per_epoch": steps_per_epoch, "total_steps": total, "export": str(export),
                            "tensorboard": str(export / "tensorboard")},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+                                     placement_strategy=cfg.train.placement_strategy),
         run_config=RunConfig(name=name or f"stage{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
                              storage_path=str(Path(out).resolve() / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),

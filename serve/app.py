@@ -39,12 +39,6 @@ AUTOSCALE = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
 BATCH = 8  # @serve.batch max size; max_ongoing_requests >= BATCH x max_concurrent_batches so batches can fill
 
 
-class BadInput(Exception):
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status, self.reason = status, reason
-
-
 # ------------------------------------------------------------------------------------------------ deployments
 @serve.deployment(autoscaling_config=AUTOSCALE, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8)
 class Preprocessor:

@@ -86,6 +86,7 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # Ray Train worker placement: PACK (fewest nodes) or SPREAD (one per node first)
     zero_stage: int = 2
     offload: bool = False
     bf16: bool = True  # only on GPU; CPU always runs fp32

@@ -136,6 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
             _, client = engine.load_checkpoint(d, tag="ds")
         start, resumed = client["step"] + 1, True
 
+    _record_placement(config.get("export"), start, rank, world)
     shard = ray.train.get_dataset_shard("train")
     keys = ["volume", "input_ids", "attention_mask"] + (["labels"] if stage > 1 else [])
     history, step = [], start
@@ -207,6 +208,25 @@ def train_loop_per_worker(config: dict) -> None:
         export_model(engine, engine.module, config["export"], cfg.train.zero_stage)
         if rank == 0:
             Path(config["export"], "history.json").write_text(json.dumps(history))
+
+
+def _record_placement(export: str | None, start: int, rank: int, world: int) -> None:
+    """Append this (re)start's rank -> node map to <export>/placement.json (which node ran which worker)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(nodes, node)
+    else:
+        nodes = [node]
+    if rank == 0 and export:
+        f = Path(export) / "placement.json"
+        runs = json.loads(f.read_text()) if f.is_file() else []
+        runs.append({"start_step": start, "nodes": nodes})
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(runs, indent=1))
 
 
 @torch.no_grad()

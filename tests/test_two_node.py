@@ -1,0 +1,134 @@
+"""A two-node Ray cluster on this machine (`ray start --head` + `ray start --address`, separate temp dirs and
+resources): preprocessing and stage-1 training submitted with `ray job submit`, training workers placed on both nodes,
+then one node stopped mid-training: the run resumes from its checkpoint on the remaining node and finishes."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ports() -> list[str]:  # the test session's own Ray holds the default agent ports
+    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+            f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu",
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    temps = [Path(f"/tmp/rn{os.getpid()}{i}") for i in ("h", "w")]
+    common = ["--block", "--object-store-memory=400000000", "--disable-usage-stats"]
+    head = subprocess.Popen([RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
+                             "--dashboard-host=127.0.0.1", "--num-cpus=3", '--resources={"node_head": 1}',
+                             f"--temp-dir={temps[0]}", *_ports(), *common], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{dash}"
+    for _ in range(60):
+        if subprocess.run([RAY, "job", "list", "--address", url], env=env, capture_output=True).returncode == 0:
+            break
+        time.sleep(1)
+    worker = subprocess.Popen([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+                               '--resources={"node_worker": 1}', f"--temp-dir={temps[1]}", *_ports(), *common],
+                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield {"url": url, "env": env, "worker": worker, "gcs": gcs}
+    for p in (worker, head):
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(60)
+        except ProcessLookupError:
+            pass
+    for t in temps:
+        shutil.rmtree(t, ignore_errors=True)
+
+
+def _alive_nodes(c) -> int:
+    code = ("import ray, json; ray.init(address='auto', logging_level='ERROR'); "
+            "print(json.dumps(sum(n['Alive'] for n in ray.nodes())))")
+    r = subprocess.run([sys.executable, "-c", code], env={**c["env"], "RAY_ADDRESS": f"127.0.0.1:{c['gcs']}"},
+                       capture_output=True, text=True, timeout=60)
+    return int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else -1
+
+
+def _submit(c, args: list[str], wait: bool = True) -> str:
+    sid = f"t{time.time_ns()}"
+    cmd = [RAY, "job", "submit", "--address", c["url"], "--submission-id", sid, "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "out", "bench/results"],
+                                             "env_vars": {"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}})]
+    if not wait:
+        cmd.append("--no-wait")
+    cmd += ["--", sys.executable, "-m", *args]
+    for _ in range(10):  # the job agent comes up a little after the dashboard answers
+        r = subprocess.run(cmd, env=c["env"], capture_output=True, text=True, timeout=900)
+        if "No available agent" not in r.stdout + r.stderr:
+            break
+        time.sleep(2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return sid
+
+
+def _job(c, what: str, sid: str) -> str:
+    out = subprocess.run([RAY, "job", what, "--address", c["url"], sid], env=c["env"], capture_output=True, text=True,
+                         timeout=120).stdout
+    return out.lower() if what == "status" else out
+
+
+def test_two_node_preprocess_train_and_survive_a_node_loss(cluster, synthetic_m3d, tmp_path):
+    c = cluster
+    for _ in range(60):
+        if _alive_nodes(c) == 2:
+            break
+        time.sleep(1)
+    assert _alive_nodes(c) == 2
+    raw, _ = synthetic_m3d
+    shards, out = tmp_path / "shards", tmp_path / "ckpt"
+    sid = _submit(c, ["pipelines.preprocess", "--config", "tiny", "--raw", str(raw), "--out", str(shards),
+                      "data.rows_per_shard=8"])
+    assert "succeeded" in _job(c, "status", sid)
+    assert json.loads((shards / "manifest.json").read_text())["counts"]["rows"] > 0
+    overrides = [o for o in FAST if not o.startswith(("train.stage1.epochs", "train.max_failures"))]
+    sid = _submit(c, ["pipelines.train", "--stage", "1", "--config", "tiny", "--shards", str(shards), "--out", str(out),
+                      *overrides, "train.stage1.epochs=12", "train.checkpoint_every=2", "train.max_failures=3",
+                      "train.placement_strategy=SPREAD", "train.cpus_per_worker=1"], wait=False)
+    placement = out / "stage1" / "placement.json"
+    ckpts = out / "ray"
+    deadline = time.time() + 400
+    while time.time() < deadline and not list(ckpts.glob("*/checkpoint_*")):
+        assert " failed" not in _job(c, "status", sid), _job(c, "logs", sid)[-3000:]
+        time.sleep(1)
+    first = json.loads(placement.read_text())[0]
+    assert len(set(first["nodes"])) == 2, first  # one training worker on each node
+    os.killpg(c["worker"].pid, signal.SIGKILL)  # stop the worker node mid-training
+    while time.time() < deadline and "succeeded" not in (status := _job(c, "status", sid)):
+        assert " failed" not in status and "stopped" not in status, _job(c, "logs", sid)[-4000:]
+        time.sleep(2)
+    logs = _job(c, "logs", sid)
+    assert "succeeded" in _job(c, "status", sid) and "[train] stage 1 done" in logs
+    runs = json.loads(placement.read_text())
+    assert len(runs) >= 2 and runs[-1]["start_step"] > 0  # restarted from a checkpoint, not from step 0
+    assert len(set(runs[-1]["nodes"])) == 1 and runs[-1]["nodes"][0] in first["nodes"]  # on the remaining node
+    history = json.loads((out / "stage1" / "history.json").read_text())
+    total = json.loads((out / "stage1" / "run.json").read_text())["figures"]["last_step"] + 1
+    assert history[-1]["step"] == total - 1 and (out / "stage1" / "model.safetensors").is_file()
+    assert _alive_nodes(c) == 1
