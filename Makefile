@@ -37,6 +37,10 @@ test: setup
 bench: setup
 	$(PY) bench/preprocess.py
 	$(PY) bench/encoder.py
+	$(PY) bench/eval.py
+	$(PY) bench/train.py
+	@[ -d out/demo/ckpt/stage3 ] || $(MAKE) demo
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf .venv build *.egg-info runs out
