@@ -39,3 +39,13 @@ def test_yaml_file_round_trip(tmp_path):
     assert load_config(str(tmp_path / "d.yaml")).model.encoder == "small"
     with pytest.raises(ValueError, match="neither a preset"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_console_script_dispatches_to_the_pipelines(tmp_path):
+    from pipelines.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["no-such-command"])
+    assert e.value.code == 2
+    main(["make-synthetic", "--out", str(tmp_path / "m3d"), "--cases", "2"])
+    assert (tmp_path / "m3d" / "M3D_Cap.json").is_file()
