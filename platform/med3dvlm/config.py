@@ -96,6 +96,7 @@ class TrainConfig:
     max_failures: int = 2  # worker failures Ray Train recovers from (restart from the last checkpoint)
     split_field: str = "split"  # "split" (official M3D split, comparable numbers) or "case_split" (leak-free)
     augment: bool = True  # the reference augmentation (rot90 H-W, flips, intensity) in Ray Data
+    shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: shard order); reseeded every epoch
     eval_every: int = 0  # stage 1: validation loss and retrieval R@1 every N steps (0: off); every worker sees the split
     validation_split: str = "validation"  # split (in `split_field`) used for that
     max_train_volumes: int = 0  # train on the first N training volumes only (0: all); sweeps use a subset

@@ -147,7 +147,10 @@ def train_loop_per_worker(config: dict) -> None:
     while step < total:
         epoch = step // steps_per_epoch
         skip = step - epoch * steps_per_epoch  # resuming mid-epoch: these batches were consumed before the failure
-        it = shard.iter_torch_batches(batch_size=st.batch_size, drop_last=True)
+        # Stage 2/3 rows of one volume arrive together (one flat_map): without a shuffle a batch is one volume
+        shuffle = {"local_shuffle_buffer_size": cfg.train.shuffle_buffer,
+                   "local_shuffle_seed": cfg.train.seed + 1000 * rank + epoch} if cfg.train.shuffle_buffer > 0 else {}
+        it = shard.iter_torch_batches(batch_size=st.batch_size, drop_last=True, **shuffle)
         t_wait = time.perf_counter()
         for i, batch in enumerate(it):
             if i < skip:
