@@ -41,15 +41,16 @@ def count_samples(cfg, stage: int, shards: str) -> int:
     return sum(len(task_rows({**r, "volume": None}, stage, splits)) for r in t.to_pylist())
 
 
-def build_dataset(cfg, stage: int, shards: str):
+def build_dataset(cfg, stage: int, shards: str, split: str = "train", training: bool = True):
+    """A stage's samples from one split; training data is subset (`max_train_volumes`) and augmented, validation not."""
     from med3dvlm.data.samples import as_float, augment, task_rows, tokenize_reports, tokenize_tasks
     from med3dvlm.data.shards import read_shards
 
     cols = ["volume_id", "volume", "report"] + (["qa"] if stage > 1 else [])
-    ds = read_shards(shards, split="train", split_field=cfg.train.split_field, columns=cols)
-    if cfg.train.max_train_volumes > 0:
+    ds = read_shards(shards, split=split, split_field=cfg.train.split_field, columns=cols)
+    if training and cfg.train.max_train_volumes > 0:
         ds = ds.limit(cfg.train.max_train_volumes)
-    aug = augment if cfg.train.augment else as_float
+    aug = augment if training and cfg.train.augment else as_float
     if stage == 1:
         return ds.map_batches(aug, batch_size=8).map_batches(
             tokenize_reports, batch_size=16, fn_kwargs={"text_encoder": cfg.model.text_encoder, "max_len": cfg.model.text_max_len})
@@ -102,17 +103,6 @@ def check_resources(cfg) -> None:
                         f"the cluster has {res.get('GPU', 0):g}")
 
 
-def build_validation(cfg, shards: str):
-    """Stage-1 validation pairs (no augmentation), given whole to every worker."""
-    from med3dvlm.data.samples import as_float, tokenize_reports
-    from med3dvlm.data.shards import read_shards
-
-    ds = read_shards(shards, split=cfg.train.validation_split, split_field=cfg.train.split_field,
-                     columns=["volume_id", "volume", "report"])
-    return ds.map_batches(as_float, batch_size=8).map_batches(
-        tokenize_reports, batch_size=16, fn_kwargs={"text_encoder": cfg.model.text_encoder, "max_len": cfg.model.text_max_len})
-
-
 def count_validation(cfg, shards: str) -> int:
     from med3dvlm.data.shards import read_table
 
@@ -152,7 +142,7 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
         f"on {cfg.train.num_workers} workers ({'GPU' if cfg.train.use_gpu else 'CPU'}, ZeRO-{cfg.train.zero_stage})")
     datasets = {"train": build_dataset(cfg, stage, shards)}
     if validate:
-        datasets["validation"] = build_validation(cfg, shards)
+        datasets["validation"] = build_dataset(cfg, 1, shards, cfg.train.validation_split, training=False)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "init": str(Path(init).resolve()) if init else None,

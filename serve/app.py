@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import io
 import os
-import re
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -31,6 +30,9 @@ import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+
+from med3dvlm.data.samples import question_prompt
+from med3dvlm.eval.vqa import first_choice
 
 LETTERS = "ABCD"
 MAX_NEW_TOKENS = 512
@@ -48,7 +50,7 @@ class Preprocessor:
         self.shape, self.data, self.max_bytes = tuple(shape), data_cfg, max_upload_bytes
 
     def __call__(self, filename: str, data: bytes) -> dict:
-        from med3dvlm.data.transform import preprocess_volume
+        from med3dvlm.data.transform import preprocess_volume, uses_window
         from med3dvlm.io import VolumeError, read_upload
 
         t = time.perf_counter()
@@ -57,7 +59,7 @@ class Preprocessor:
             arr = preprocess_volume(vol, self.shape, "uint8", tuple(self.data["window"]), self.data["window_mode"])
         except VolumeError as e:
             return {"error": str(e)}
-        windowed = self.data["window_mode"] == "always" or (self.data["window_mode"] == "auto" and vol.hu)
+        windowed = uses_window(vol, self.data["window_mode"])
         return {"volume": arr, "info": {
             "format": vol.kind, "input_shape": list(vol.array.shape), "output_shape": list(arr.shape),
             "hu_window": list(self.data["window"]) if windowed else None,
@@ -82,9 +84,10 @@ class Encoder:
         from med3dvlm.models.vlm import VLM
 
         _threads()
-        vlm = VLM.from_pretrained(model_dir)
         self.device = torch.device(device)
-        self.vision, self.projector = vlm.vision.to(self.device).eval(), vlm.projector.to(self.device).eval()
+        self.vlm = VLM.from_pretrained(model_dir)
+        self.vlm.llm = None  # the Generator deployment holds the LLM
+        self.vlm.to(self.device).eval()
         self.batch_sizes: list[int] = []
 
     def encode_now(self, volumes: list[np.ndarray]) -> list[np.ndarray]:
@@ -94,8 +97,7 @@ class Encoder:
 
         with torch.no_grad():
             x = to_float(np.stack(volumes)).unsqueeze(1).to(self.device)
-            feats = self.vision(x)
-            return list(self.projector(feats[-2], feats[-1]).float().cpu().numpy())
+            return list(self.vlm.encode_images(x).float().cpu().numpy())
 
     @serve.batch(max_batch_size=BATCH, batch_wait_timeout_s=0.02)
     async def encode(self, volumes: list[np.ndarray]) -> list[np.ndarray]:
@@ -148,20 +150,18 @@ class Retriever:
         import torch
 
         from med3dvlm.data.shards import read_table, volumes_from_table
-        from med3dvlm.data.transform import to_float
-        from med3dvlm.models.clip import CLIPModel
+        from med3dvlm.eval.predict import Embedder
 
         _threads()
-        self.model = CLIPModel.from_pretrained(clip_dir).eval()
+        embed = Embedder(clip_dir)  # the features evaluation ranks with
+        self.model = embed.model
         t = read_table(shards, ["volume_id", "volume", "report"], split=split, split_field=split_field)
         self.ids, self.reports = t["volume_id"].to_pylist(), t["report"].to_pylist()
         vols = volumes_from_table(t)
-        img, txt = [], []
-        with torch.no_grad():
-            for i in range(0, len(self.ids), 16):
-                img.append(self.model.encode_image(to_float(vols[i:i + 16]).unsqueeze(1)))
-                txt.append(self.model.encode_text(**self.model.tokenize(self.reports[i:i + 16])))
-        self.img, self.txt = torch.cat(img), torch.cat(txt)
+        out = [embed({"volume_id": self.ids[i:i + 16], "volume": vols[i:i + 16], "report": self.reports[i:i + 16]})
+               for i in range(0, len(self.ids), 16)]
+        self.img = torch.from_numpy(np.concatenate([o["image_embedding"] for o in out]))
+        self.txt = torch.from_numpy(np.concatenate([o["text_embedding"] for o in out]))
 
     def size(self) -> int:
         return len(self.ids)
@@ -223,16 +223,6 @@ async def limit_body(request: Request, call_next):
     if n and n.isdigit() and int(n) > _BODY_LIMIT[0] + (1 << 20):
         return JSONResponse({"detail": f"request body larger than the upload limit of {_BODY_LIMIT[0]} bytes"}, 413)
     return await call_next(request)
-
-
-def _prompt(question: str, choices: dict[str, str]) -> str:
-    opts = " ".join(f"{k}. {v}" for k, v in choices.items())
-    return f" {question} Choices: {opts}" if choices else f" {question}"
-
-
-def chosen_letter(answer: str, letters: str) -> str | None:
-    m = re.search(r"\b([A-D])\b", answer.upper())
-    return m.group(1) if m and m.group(1) in letters else None
 
 
 @serve.deployment(autoscaling_config={**AUTOSCALE, "target_ongoing_requests": 16}, ray_actor_options={"num_cpus": 0.5},
@@ -352,9 +342,11 @@ class Api:
             raise HTTPException(400, "a closed question needs at least two choices")
         t0 = time.perf_counter()
         vid, item, timings = await self._volume(file, volume_id)
-        text = await self._generate(item, _prompt(question.strip(), choices), max_new_tokens, temperature, top_p, timings)
+        text = await self._generate(item, question_prompt(question.strip(), choices), max_new_tokens, temperature, top_p,
+                                    timings)
         timings["total_s"] = round(time.perf_counter() - t0, 4)
-        letter = chosen_letter(text, "".join(choices)) if choices else None
+        letter = first_choice(text, ignore_case=True) if choices else None
+        letter = letter if letter in choices else None
         return {"volume_id": vid, "question": question.strip(), "answer": text, "choice": letter,
                 "choice_text": choices.get(letter) if letter else None, "timings": timings}
 

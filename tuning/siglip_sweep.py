@@ -87,13 +87,18 @@ def search_space(a) -> dict:
             "learn_t": tune.choice(_bools(a.learn_t)), "learn_b": tune.choice(_bools(a.learn_b))}
 
 
-def trial_config(base: dict, params: dict, steps: int, eval_every: int, subset: int):
-    from med3dvlm.config import config_from_dict
-
-    cfg = config_from_dict(base)
+def with_loss_init(cfg, params: dict):
+    """`cfg` with a trial's SigLIP initialisation (t' and b, each learned or fixed)."""
     loss = cfg.model.loss
     loss.t_init, loss.b_init = float(params["t_init"]), float(params["b_init"])
     loss.learn_t, loss.learn_b = bool(params["learn_t"]), bool(params["learn_b"])
+    return cfg
+
+
+def trial_config(base: dict, params: dict, steps: int, eval_every: int, subset: int):
+    from med3dvlm.config import config_from_dict
+
+    cfg = with_loss_init(config_from_dict(base), params)
     st = cfg.train.stage1
     st.max_steps, st.epochs = steps, max(st.epochs, 10_000)  # the step budget decides
     cfg.train.eval_every, cfg.train.max_train_volumes = eval_every, subset
@@ -207,10 +212,7 @@ def summarize(a, cfg, results, out: Path, started: float, log) -> dict:
     if not scored:
         raise UserError(f"no trial reported {a.metric}; see {out / SWEEP_NAME}")
     best = (max if mode == "max" else min)(scored, key=lambda r: r["best"])
-    best_cfg = trial_config(cfg.to_dict(), best, 1, 0, 0)
-    final = config_from_args(a)  # the user's training settings, with the best loss initialisation
-    final.model.loss = best_cfg.model.loss
-    save_config(final, out / "best.yaml")
+    save_config(with_loss_init(cfg, best), out / "best.yaml")  # the user's training settings, the best initialisation
     export = Path(best["path"]) / "stage1"
     if export.is_dir():
         shutil.copytree(export, out / "best-stage1", dirs_exist_ok=True)

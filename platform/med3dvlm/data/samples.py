@@ -95,14 +95,21 @@ def as_float(batch: dict) -> dict:
     return {**batch, "volume": v.astype(np.float16)}
 
 
+def question_prompt(question: str, choices: dict[str, str] | None = None) -> str:
+    """The prompt for a question, M3D style " Q Choices: A. .. D. .." when choices (letter -> text) are given."""
+    if not choices:
+        return f" {question}"
+    return f" {question} Choices: " + " ".join(f"{letter}. {text}" for letter, text in choices.items())
+
+
 def closed_prompt(q: dict) -> tuple[str, str]:
-    """M3D style "Choices: A. .. D. ..": "NA" is a real option text there and stays; only a missing choice is left out."""
-    choices = " ".join(f"{l}. {q['choice_' + l.lower()]}" for l in LETTERS if q["choice_" + l.lower()] not in ("", None))
-    return f" {q['question']} Choices: {choices}", f" {q['answer_choice']}. {q['answer']}"
+    """"NA" is a real option text in M3D-VQA and stays; only a missing choice is left out."""
+    choices = {l: q["choice_" + l.lower()] for l in LETTERS if q["choice_" + l.lower()] not in ("", None)}
+    return question_prompt(q["question"], choices), f" {q['answer_choice']}. {q['answer']}"
 
 
 def open_prompt(q: dict) -> tuple[str, str]:
-    return f" {q['question']}", f" {q['answer']}"
+    return question_prompt(q["question"]), f" {q['answer']}"
 
 
 def task_rows(row: dict, stage: int, qa_splits: tuple[str, ...], seed: int = 0) -> list[dict]:

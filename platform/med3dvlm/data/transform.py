@@ -42,14 +42,16 @@ def resize_trilinear(arr: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray
     return F.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
-def to_unit_range(vol: Volume, window: tuple[float, float] = (400.0, 40.0), window_mode: str = "auto") -> np.ndarray:
-    """The volume's intensities in [0,1] before min-max: slices stay uint8 (/255 cancels in min-max), CT is windowed."""
+def uses_window(vol: Volume, window_mode: str = "auto") -> bool:
+    """Whether the HU window applies: never to slice images; to HU volumes under "auto"; always under "always"."""
     if window_mode not in ("auto", "always", "never"):
         raise ValueError(f"window_mode must be auto, always or never, not {window_mode!r}")
-    arr = vol.array
-    if vol.kind != "slices" and (window_mode == "always" or (window_mode == "auto" and vol.hu)):
-        arr = apply_window(arr, *window)
-    return arr
+    return vol.kind != "slices" and (window_mode == "always" or (window_mode == "auto" and vol.hu))
+
+
+def to_unit_range(vol: Volume, window: tuple[float, float] = (400.0, 40.0), window_mode: str = "auto") -> np.ndarray:
+    """The volume's intensities in [0,1] before min-max: slices stay uint8 (/255 cancels in min-max), CT is windowed."""
+    return apply_window(vol.array, *window) if uses_window(vol, window_mode) else vol.array
 
 
 def preprocess_volume(

@@ -283,7 +283,7 @@ def _nifti_upload(data: bytes, name: str) -> Volume:
     import nibabel as nib
 
     try:
-        klass = nib.Nifti1Image if sniff(data) == "nifti" and data[344:348] in (b"n+1\0", b"ni1\0") else nib.Nifti2Image
+        klass = nib.Nifti1Image if data[344:348] in (b"n+1\0", b"ni1\0") else nib.Nifti2Image
         header = klass.header_class.from_fileobj(io.BytesIO(data))
         shape = header.get_data_shape()
     except Exception as e:

@@ -82,8 +82,10 @@ class SigLipLoss(nn.Module):
         L = img @ txt.t() * self.temperature + self.bias
         return (L + L.t()) / 2 if self.cfg.symmetric else L
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-        img, txt = gather_with_grad(img), gather_with_grad(txt)
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """Sigmoid loss over the global batch (`gather`: all ranks' features; False when every rank holds them all)."""
+        if gather:
+            img, txt = gather_with_grad(img), gather_with_grad(txt)
         logits = self.logits(img.float(), txt.float())
         n = logits.shape[0]
         labels = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1

@@ -236,7 +236,6 @@ def _record_placement(export: str | None, start: int, rank: int, world: int) -> 
 def validate_stage1(model, device) -> dict:
     """Sigmoid loss and retrieval recall on the whole validation split (every worker holds all of it)."""
     import ray.train
-    import torch.nn.functional as F
 
     from med3dvlm.eval.retrieval import retrieval_metrics
 
@@ -248,10 +247,8 @@ def validate_stage1(model, device) -> dict:
         txts.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)).float())
     model.train(was)
     img, txt = torch.cat(imgs), torch.cat(txts)
-    logits = model.loss_fn.logits(img, txt)
-    labels = 2 * torch.eye(len(img), device=logits.device) - 1
     r = retrieval_metrics(img.cpu(), txt.cpu(), ks=(1, 5))
-    out = {"val_loss": float(-F.logsigmoid(labels * logits).sum() / len(img)), "val_n": len(img)}
+    out = {"val_loss": float(model.loss_fn(img, txt, gather=False)), "val_n": len(img)}
     out.update({f"val_{k}": v for k, v in r.items() if k != "n"})
     out["val_R@1"] = (r["image_to_text_R@1"] + r["text_to_image_R@1"]) / 2
     return out
