@@ -79,10 +79,11 @@ def git_sha() -> str:
         return "unknown"
 
 
-def write_run_json(out: str | Path, cfg: Config | None, inputs: dict, figures: dict, started: float) -> Path:
-    path = Path(out) / "run.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
+def write_run_json(out: str | Path, cfg: Config | None, inputs: dict, figures: dict, started: float) -> str:
+    from med3dvlm import storage
+
+    path = storage.join(out, "run.json")
+    storage.write_text(path, json.dumps({
         "config": cfg.to_dict() if cfg is not None else None, "git_sha": git_sha(), "argv": sys.argv, "inputs": inputs,
         "figures": figures, "wall_s": round(time.time() - started, 3),
     }, indent=1, default=str))

@@ -1,6 +1,6 @@
 """M3D-Bench evaluation, offline: retrieval, report generation, closed and open VQA over the test shards.
 
-    python -m pipelines.evaluate --task retrieval|report|vqa-closed|vqa-open --model DIR --shards DIR [--out DIR]
+    python -m pipelines.evaluate --task retrieval|report|vqa-closed|vqa-open --model DIR|URI --shards DIR|URI [--out DIR|URI]
         [--split test] [--split-field split|case_split] [--limit N] [--replicas R] [--sample] [--resume] ...
 
 Inference is a Ray Data actor pool over the shards (`map_batches`); the driver scores each batch as it arrives and
@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from med3dvlm import storage
 from pipelines.common import UserError, init_ray, run_main, write_run_json
 
 KIND_FOR_TASK = {"retrieval": "med3dvlm-clip", "report": "med3dvlm-vlm", "vqa-closed": "med3dvlm-vlm",
@@ -38,9 +39,10 @@ CSV_COLUMNS = {
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", required=True, choices=list(KIND_FOR_TASK))
-    p.add_argument("--model", required=True, help="an exported model directory (stage 1 for retrieval, 2/3 otherwise)")
-    p.add_argument("--shards", required=True)
-    p.add_argument("--out", default=None, help="default: <model>/eval-<task>")
+    p.add_argument("--model", required=True, help="an exported model directory, path or URI (stage 1 for retrieval, "
+                                                  "2/3 otherwise)")
+    p.add_argument("--shards", required=True, help="preprocessed shards: a path or a URI (s3://bucket/shards)")
+    p.add_argument("--out", default=None, help="a path or URI; default: <model>/eval-<task>")
     p.add_argument("--split", default="test", help="split name, or several comma-separated (e.g. validation,test)")
     p.add_argument("--split-field", default="split", choices=["split", "case_split"],
                    help="`split`: the official M3D split (comparable with the paper); `case_split`: leak-free by case")
@@ -79,18 +81,20 @@ def check_inputs(a) -> int:
     """Every reason to refuse, before Ray starts. Returns the number of volumes in the evaluated split."""
     import pyarrow.dataset as pads
 
-    meta_f = Path(a.model) / "config.json"
-    if not meta_f.is_file():
+    meta_f = storage.join(a.model, "config.json")
+    if not storage.is_file(meta_f):
         raise UserError(f"--model {a.model}: not an exported model directory (no config.json)")
-    kind = json.loads(meta_f.read_text()).get("kind")
+    kind = storage.read_json(meta_f).get("kind")
     want = KIND_FOR_TASK[a.task]
     if kind != want:
         need = "stage 1's export (CLIP)" if want == "med3dvlm-clip" else "stage 2 or 3's export (VLM)"
         raise UserError(f"--model {a.model}: holds a {kind} model; --task {a.task} needs {need}")
-    files = sorted((Path(a.shards) / "volumes").glob("part-*.parquet"))
+    files = storage.list_files(storage.join(a.shards, "volumes"), "part-", ".parquet")
     if not files:
         raise UserError(f"--shards {a.shards}: no shards there (volumes/part-*.parquet); run pipelines.preprocess")
-    splits = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=[a.split_field])
+    fs = storage.resolve(a.shards)[0]
+    splits = pads.dataset([storage.resolve(f)[1] for f in files], format="parquet",
+                          filesystem=fs).to_table(columns=[a.split_field])
     counts = {}
     for s in splits.column(0).to_pylist():
         counts[s] = counts.get(s, 0) + 1
@@ -257,7 +261,7 @@ def model_lowercases(model_dir: str) -> bool:
 
     from med3dvlm.eval.vqa import lowercases
 
-    return lowercases(AutoTokenizer.from_pretrained(Path(model_dir) / "tokenizer", local_files_only=True))
+    return lowercases(AutoTokenizer.from_pretrained(Path(storage.local_path(model_dir)) / "tokenizer", local_files_only=True))
 
 
 def aggregate_closed(rows: list[dict]) -> dict:
@@ -324,8 +328,16 @@ def markdown(task: str, res: dict, a) -> str:
 def evaluate(a, log=print) -> dict:
     started = time.time()
     n = check_inputs(a)
-    out = Path(a.out or Path(a.model) / f"eval-{a.task}")
-    out.mkdir(parents=True, exist_ok=True)
+    a.model, a.shards = storage.absolute(a.model), storage.absolute(a.shards)
+    dest = storage.absolute(a.out or storage.join(a.model, f"eval-{a.task}"))
+    with storage.staged(dest, pull=a.resume) as d:  # a URI: work in a local folder, upload it at the end
+        res = _evaluate(a, Path(d), n, started, log)
+    log(f"[evaluate] done in {time.time() - started:.0f} s: {dest}/results.json, results.md, samples.csv")
+    res["out"] = dest
+    return res
+
+
+def _evaluate(a, out: Path, n: int, started: float, log) -> dict:
     if a.task == "retrieval" and (out / "samples.csv").is_file():
         (out / "samples.csv").unlink()  # retrieval is all-or-nothing: the ranks need every pair
     init_ray()
@@ -340,8 +352,6 @@ def evaluate(a, log=print) -> dict:
     (out / "results.md").write_text(markdown(a.task, res, a))
     write_run_json(out, None, vars(a), {"n": res["n"]}, started)
     log((out / "results.md").read_text())
-    log(f"[evaluate] done in {time.time() - started:.0f} s: {out}/results.json, results.md, samples.csv")
-    res["out"] = str(out)
     return res
 
 

@@ -15,12 +15,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from med3dvlm import storage
 from med3dvlm.data.manifest import ManifestError, build_manifest, case_split
 from med3dvlm.data.shards import sha256_file
 from pipelines.common import UserError, config_from_args, init_ray, parser, run_main, sha256_json, write_run_json
 
 
-def plan_shards(items, cfg, out: Path) -> list[dict]:
+def plan_shards(items, cfg, out: str) -> list[dict]:
     data = dataclasses.asdict(cfg.data)
     ok = sorted((it for it in items if not it.error), key=lambda it: it.volume_id)
     rows = []
@@ -43,7 +44,7 @@ def preprocess(cfg, raw: str | Path, out: str | Path, log=print) -> dict:
 
     from med3dvlm.data.shards import process_shard
 
-    raw, out = Path(raw), Path(out)
+    raw, out = Path(raw), storage.absolute(out)
     started = time.time()
     try:
         items, qa_quarantine = build_manifest(raw, cfg.data.case_split)
@@ -52,11 +53,10 @@ def preprocess(cfg, raw: str | Path, out: str | Path, log=print) -> dict:
     specs = plan_shards(items, cfg, out)
     log(f"[preprocess] {len(items)} inputs, {sum(1 for i in items if i.error)} unusable before reading, "
         f"{len(specs)} shards of up to {cfg.data.rows_per_shard} volumes -> {out}")
-    out.mkdir(parents=True, exist_ok=True)
     # stale shards from a run with more shards must not be read back
-    for p in (out / "volumes").glob("part-*.parquet"):
-        if int(p.stem.split("-")[1]) >= len(specs):
-            p.unlink()
+    for p in storage.list_files(storage.join(out, "volumes"), "part-", ".parquet"):
+        if int(p.rsplit("/", 1)[-1][len("part-"):-len(".parquet")]) >= len(specs):
+            storage.delete(p)
     init_ray()
     results = []
     peak = 0.0
@@ -96,7 +96,7 @@ def preprocess(cfg, raw: str | Path, out: str | Path, log=print) -> dict:
         "quarantine": sorted(quarantine, key=lambda q: q["input"]) + qa_quarantine,
     }
     text = json.dumps(manifest, indent=1)
-    (out / "manifest.json").write_text(text)
+    storage.write_text(storage.join(out, "manifest.json"), text)
     manifest = json.loads(text)
     wall = time.time() - started
     nbytes = sum(r["bytes"] for r in results)
@@ -120,7 +120,8 @@ def summary(manifest: dict) -> str:
 def arg_parser():
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--raw", required=True, help="raw data root (M3D layout, or volumes + reports.csv/json)")
-    p.add_argument("--out", required=True, help="output folder for volumes/part-*.parquet and manifest.json")
+    p.add_argument("--out", required=True, help="where volumes/part-*.parquet and manifest.json go: a path or a URI "
+                                               "(s3://bucket/shards)")
     return p
 
 

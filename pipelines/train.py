@@ -10,12 +10,12 @@ keeps Ray Train's run (DeepSpeed checkpoints) under `<out>/ray/`. Bad input fail
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
+from med3dvlm import storage
 from pipelines.common import UserError, config_from_args, init_ray, parser, run_main, sha256_json, write_run_json
 
 BUILTIN_TEXT = ("minilm", "tiny-bert")
@@ -61,24 +61,24 @@ def build_dataset(cfg, stage: int, shards: str, split: str = "train", training: 
 
 def check_inputs(cfg, stage: int, shards: str, init: str | None) -> dict:
     """Every reason to refuse, found before any worker starts. Returns the shards' manifest."""
-    man = Path(shards) / "manifest.json"
-    if not man.is_file() or not list((Path(shards) / "volumes").glob("part-*.parquet")):
+    man = storage.join(shards, "manifest.json")
+    if not storage.is_file(man) or not storage.list_files(storage.join(shards, "volumes"), "part-", ".parquet"):
         raise UserError(f"--shards {shards}: no shards there (manifest.json and volumes/part-*.parquet); run pipelines.preprocess")
-    manifest = json.loads(man.read_text())
+    manifest = storage.read_json(man)
     if tuple(manifest["config"]["shape"]) != tuple(cfg.data.shape):
         raise UserError(f"--shards {shards} hold volumes of shape {tuple(manifest['config']['shape'])}, "
                         f"the config asks for {tuple(cfg.data.shape)} (set data.shape or re-run preprocessing)")
-    if cfg.model.text_encoder not in BUILTIN_TEXT and stage == 1 and not init and not Path(cfg.model.text_encoder).exists():
-        raise UserError(f"model.text_encoder {cfg.model.text_encoder}: path does not exist (models load from local paths only)")
-    if cfg.model.llm not in BUILTIN_LLM and stage == 2 and not Path(cfg.model.llm).exists():
-        raise UserError(f"model.llm {cfg.model.llm}: path does not exist (models load from local paths only)")
+    if cfg.model.text_encoder not in BUILTIN_TEXT and stage == 1 and not init and not storage.exists(cfg.model.text_encoder):
+        raise UserError(f"model.text_encoder {cfg.model.text_encoder}: does not exist (models load from paths or storage URIs, never a hub)")
+    if cfg.model.llm not in BUILTIN_LLM and stage == 2 and not storage.exists(cfg.model.llm):
+        raise UserError(f"model.llm {cfg.model.llm}: does not exist (models load from paths or storage URIs, never a hub)")
     if stage > 1 and not init:
         raise UserError(f"stage {stage} starts from stage {stage - 1}'s export: pass --init DIR")
     if init:
-        f = Path(init) / "config.json"
-        if not f.is_file():
+        f = storage.join(init, "config.json")
+        if not storage.is_file(f):
             raise UserError(f"--init {init}: not an exported model directory (no config.json)")
-        meta = json.loads(f.read_text())
+        meta = storage.read_json(f)
         want = "med3dvlm-clip" if stage <= 2 else "med3dvlm-vlm"
         if meta.get("kind") != want:
             raise UserError(f"--init {init}: holds a {meta.get('kind')} model; stage {stage} needs the export of stage "
@@ -88,6 +88,16 @@ def check_inputs(cfg, stage: int, shards: str, init: str | None) -> dict:
         if stage == 3 and tuple(meta["input_shape"]) != tuple(cfg.data.shape):
             raise UserError(f"--init {init}: trained at {tuple(meta['input_shape'])}, the config asks for {tuple(cfg.data.shape)}")
     return manifest
+
+
+def warn_if_unshared(out: str, log) -> None:
+    """A plain path on a multi-node cluster only works when every node mounts it (NFS): say so once."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not storage.is_uri(out) and len(nodes) > 1:
+        log(f"[train] note: --out {out} is a local path on a {len(nodes)}-node cluster; it must be a shared mount on "
+            f"every node (or use a URI such as s3://bucket/ckpt)")
 
 
 def check_resources(cfg) -> None:
@@ -135,9 +145,10 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
     total = math.ceil(st.epochs * steps_per_epoch)
     if st.max_steps > 0:
         total = min(total, st.max_steps)
-    export = Path(out).resolve() / f"stage{stage}"
-    export.mkdir(parents=True, exist_ok=True)
-    (export / "placement.json").unlink(missing_ok=True)  # the loop appends one entry per (re)start of this run
+    out = storage.absolute(out)
+    export = storage.join(out, f"stage{stage}")
+    warn_if_unshared(out, log)
+    storage.delete(storage.join(export, "placement.json"))  # the loop appends one entry per (re)start of this run
     log(f"[train] stage {stage}: {n} samples, {steps_per_epoch} steps/epoch x {st.epochs:g} epochs = {total} steps "
         f"on {cfg.train.num_workers} workers ({'GPU' if cfg.train.use_gpu else 'CPU'}, ZeRO-{cfg.train.zero_stage})")
     datasets = {"train": build_dataset(cfg, stage, shards)}
@@ -145,14 +156,14 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
         datasets["validation"] = build_dataset(cfg, 1, shards, cfg.train.validation_split, training=False)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "init": str(Path(init).resolve()) if init else None,
-                           "steps_per_epoch": steps_per_epoch, "total_steps": total, "export": str(export),
-                           "tensorboard": str(export / "tensorboard")},
+        train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "init": storage.absolute(init) if init else None,
+                           "steps_per_epoch": steps_per_epoch, "total_steps": total, "export": export,
+                           "tensorboard": storage.join(export, "tensorboard")},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker},
                                      placement_strategy=cfg.train.placement_strategy),
         run_config=RunConfig(name=name or f"stage{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
-                             storage_path=str(Path(out).resolve() / "ray"),
+                             storage_path=storage.join(out, "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures), callbacks=callbacks),
         datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -160,15 +171,20 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
     result = trainer.fit()
     if result.error:
         raise result.error
-    history = json.loads((export / "history.json").read_text()) if (export / "history.json").is_file() else []
+    hist_f = storage.join(export, "history.json")
+    if not storage.is_file(hist_f):
+        raise RuntimeError(f"training finished but {hist_f} is missing: rank 0 wrote the export on a disk this driver "
+                           f"cannot see; on a multi-node cluster give --out a shared path or a URI (s3://...)")
+    history = storage.read_json(hist_f)
     figures = summarize(history, stage)
     figures["restored_from_checkpoint"] = bool(history and history[0]["step"] > 0)
     write_run_json(export, cfg, {"shards_manifest": sha256_json(manifest), "init": init, "samples": n}, figures, started)
-    plot_curves(history, export / "curves.png", stage)
+    with storage.staged(export) as d:
+        plot_curves(history, Path(d) / "curves.png", stage)
     log(f"[train] stage {stage} done in {time.time() - started:.0f} s: loss {figures.get('loss_first', float('nan')):.3f} -> "
         f"{figures.get('loss_last', float('nan')):.3f}, {figures.get('samples_per_s', 0):.1f} samples/s, "
         f"data wait {100 * figures.get('data_wait_fraction', 0):.0f}% -> {export}")
-    return {"export": str(export), "figures": figures, "history": history, "checkpoint": result.checkpoint}
+    return {"export": export, "figures": figures, "history": history, "checkpoint": result.checkpoint}
 
 
 def summarize(history: list[dict], stage: int) -> dict:
@@ -211,8 +227,9 @@ def plot_curves(history: list[dict], path: Path, stage: int) -> None:
 def arg_parser():
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--stage", type=int, required=True, choices=[1, 2, 3])
-    p.add_argument("--shards", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--shards", required=True, help="preprocessed shards: a path or a URI (s3://bucket/shards)")
+    p.add_argument("--out", required=True, help="where stage<N>/ (the export) and ray/ (checkpoints) go: a path or a URI; "
+                                                "on a multi-node cluster a shared path or a URI")
     p.add_argument("--init", default=None, help="the previous stage's export (required for stages 2 and 3)")
     return p
 

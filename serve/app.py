@@ -9,6 +9,7 @@ CLIP model + an index built from shards), `VolumeCache` (bounded, shared by ingr
 ingress (OpenAPI at /docs, the web page at /). Arguments (`key=value` after the import path, or `args:` in YAML):
 
     model          stage-2/3 export (reports, VQA)            clip / index   stage-1 export and shards (retrieval)
+                   (each a path or a storage URI such as s3://bucket/ckpt/stage3; a URI is copied once per node)
     config         preset or YAML for preprocessing (tiny)     token          bearer token (or $MED3DVLM_SERVE_TOKEN)
     max_upload_mb  upload limit (256)                          cache_size     volumes kept for follow-up questions (64)
     device         cpu | cuda (cpu)                            index_split    only this split in the index (all)
@@ -24,7 +25,6 @@ import io
 import os
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
@@ -372,17 +372,17 @@ class Api:
 # ------------------------------------------------------------------------------------------------ builder
 def build_app(args: dict) -> serve.Application:
     """`serve run serve.app:build_app model=DIR [clip=DIR index=SHARDS] [token=...] ...`"""
-    import json
-
+    from med3dvlm import storage
     from med3dvlm.config import load_config
 
     model = args.get("model")
-    if not model or not (Path(model) / "config.json").is_file():
-        raise ValueError(f"model={model}: give a stage-2/3 export directory (with config.json)")
-    meta = json.loads((Path(model) / "config.json").read_text())
+    if not model or not storage.is_file(storage.join(model, "config.json")):
+        raise ValueError(f"model={model}: give a stage-2/3 export directory or URI (with config.json)")
+    model = storage.absolute(model)
+    meta = storage.read_json(storage.join(model, "config.json"))
     if meta.get("kind") != "med3dvlm-vlm":
         raise ValueError(f"model={model}: holds a {meta.get('kind')} model; serving needs a stage-2/3 export")
-    clip, index = args.get("clip"), args.get("index")
+    clip, index = [storage.absolute(args[k]) if args.get(k) else None for k in ("clip", "index")]
     if bool(clip) != bool(index):
         raise ValueError("retrieval needs both clip=DIR (stage-1 export) and index=SHARDS")
     cfg = load_config(args.get("config", "tiny"))

@@ -1,9 +1,48 @@
 """One local Ray per test session (or the cluster in RAY_ADDRESS), and shared synthetic data."""
 
 
+import os
+import socket
+import uuid
+
 import pytest
 
 import pipelines.common  # noqa: F401  (sets the offline / quiet environment defaults)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# An S3-compatible server (moto) on localhost stands in for a bucket. The endpoint and credentials go into the
+# environment before any Ray starts, so every Ray process (workers, job drivers, other nodes) reaches the same store,
+# exactly as AWS_* variables do on a real cluster.
+S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1",
+                  AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL_S3=S3_ENDPOINT)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    port = int(S3_ENDPOINT.rsplit(":", 1)[1])
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield S3_ENDPOINT
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server):
+    """A fresh, empty bucket: `s3://<name>`."""
+    import boto3
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
 
 
 @pytest.fixture(scope="session")

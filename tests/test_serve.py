@@ -1,22 +1,17 @@
 """The Ray Serve app over real HTTP on 127.0.0.1, serving the tiny models trained by the `chain` fixture."""
 
 import concurrent.futures as cf
-import socket
 import time
 
 import numpy as np
 import pytest
 import requests
 
+from conftest import free_port
 from uploads import bad_uploads, good_uploads, nifti_bytes, npy_bytes, volume
 
 TOKEN = "s3cret-token"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +20,7 @@ def served(chain, shards):
 
     from serve.app import build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"model": chain[3]["export"], "replica_cpus": 0.1, "max_upload_mb": 8, "cache_size": 4}
     serve.run(build_app({**common, "clip": chain[1]["export"], "index": str(shards[0]), "token": TOKEN}),

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,22 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST
+from conftest import FAST, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ports() -> list[str]:  # the test session's own Ray holds the default agent ports
-    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-            f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}"]
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +31,7 @@ def cluster(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu",
            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     temps = [Path(f"/tmp/rn{os.getpid()}{i}") for i in ("h", "w")]
     common = ["--block", "--object-store-memory=400000000", "--disable-usage-stats"]
     head = subprocess.Popen([RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",

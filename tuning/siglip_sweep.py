@@ -8,8 +8,9 @@ Each trial is a Tune function trainable that runs `pipelines.train.train(stage=1
 and Ray Data path as `pipelines.train --stage 1`) on a fixed step budget, reporting validation loss and retrieval R@1
 (both directions; `val_R@1` is their mean) every `--eval-every` steps, so ASHA stops weak trials early.
 `--t-init` is the range of t' = log t (default log 1 .. log 100, around SigLIP's log 10); `--b-init` the bias range.
-Trials run concurrently as far as the cluster's CPUs/GPUs allow. Outputs in --out: `best.yaml` (a config
-`pipelines.train --config` takes), `trials.csv` and `trials.md`, `sweep.png`, and the best trial's stage-1 export.
+Trials run concurrently as far as the cluster's CPUs/GPUs allow. Outputs in --out (a path, or a URI such as
+s3://bucket/sweep on a cluster): `best.yaml` (a config `pipelines.train --config` takes), `trials.csv` and `trials.md`,
+`sweep.png`, `best-stage1/` (the best trial's export); Tune's state in `siglip-sweep/`, each trial's run in `runs/`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import argparse
 import csv
 import json
 import math
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
 
+from med3dvlm import storage
 from pipelines.common import UserError, config_from_args, init_ray, run_main
 
 SWEEP_NAME = "siglip-sweep"
@@ -116,8 +118,9 @@ def run_trial(config: dict) -> None:
 
     s = config["sweep"]
     cfg = trial_config(s["base"], config, s["steps"], s["eval_every"], s["subset"])
-    out = Path(ray.tune.get_context().get_trial_dir())
-    train(cfg, 1, s["shards"], str(out), log=lambda *_: None, callbacks=[TuneReportCallback()], name="train")
+    # the trial's training run and export live in the sweep's storage (a path or URI), not on the trial's node
+    out = storage.join(s["out"], "runs", os.path.basename(ray.tune.get_context().get_trial_dir()))
+    train(cfg, 1, s["shards"], out, log=lambda *_: None, callbacks=[TuneReportCallback()], name="train")
 
 
 def max_concurrent(cfg, cluster: dict) -> int:
@@ -136,7 +139,7 @@ def max_concurrent(cfg, cluster: dict) -> int:
 def check_shards(cfg, shards: str) -> None:
     from pipelines.train import count_validation
 
-    if not list((Path(shards) / "volumes").glob("part-*.parquet")):
+    if not storage.list_files(storage.join(shards, "volumes"), "part-", ".parquet"):
         raise UserError(f"--shards {shards}: no shards there (volumes/part-*.parquet); run pipelines.preprocess")
     if count_validation(cfg, shards) < 2:
         raise UserError(f"--shards {shards}: fewer than 2 '{cfg.train.validation_split}' rows in field "
@@ -150,14 +153,13 @@ def sweep(a, log=print) -> dict:
     started = time.time()
     cfg = config_from_args(a)
     check_shards(cfg, a.shards)
-    out = Path(a.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.absolute(a.out)
     init_ray()
     import ray
 
     conc = max_concurrent(cfg, ray.cluster_resources())
     mode = "max" if a.metric == "val_R@1" else "min"
-    space = {**search_space(a), "sweep": {"base": cfg.to_dict(), "shards": str(Path(a.shards).resolve()),
+    space = {**search_space(a), "sweep": {"base": cfg.to_dict(), "shards": storage.absolute(a.shards), "out": out,
                                           "steps": a.steps, "eval_every": a.eval_every, "subset": a.subset}}
     n_reports = math.ceil(a.steps / a.eval_every)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=n_reports, grace_period=min(a.grace, n_reports),
@@ -170,27 +172,29 @@ def sweep(a, log=print) -> dict:
             raise UserError("--search optuna needs the `optuna` package (not in requirements.txt)") from None
         algo = OptunaSearch()
     trainable = tune.with_resources(run_trial, {"CPU": 0.1})  # the driver only waits; Train's workers hold the CPUs
-    path = out / SWEEP_NAME
+    path = storage.join(out, SWEEP_NAME)
     if a.resume:
-        if not tune.Tuner.can_restore(str(path)):
+        if not tune.Tuner.can_restore(path):
             raise UserError(f"--resume: no sweep to restore in {path}")
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
-        if path.exists():
-            shutil.rmtree(path)
+        for old in (path, storage.join(out, "runs")):
+            storage.delete(old)
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(metric=a.metric, mode=mode, scheduler=scheduler, search_alg=algo,
                                         num_samples=1 if a.search == "grid" else a.trials,
                                         max_concurrent_trials=conc),
-            run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=str(out)))
+            run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=out))
     log(f"[sweep] {a.trials if a.search != 'grid' else 'grid of'} trials, {a.steps} steps each, {conc} at a time, "
         f"ASHA on {a.metric} every {a.eval_every} steps -> {out}")
     results = tuner.fit()
-    return summarize(a, cfg, results, out, started, log)
+    with storage.staged(out) as d:  # the tables and the plot are written locally, then uploaded to a URI
+        return summarize(a, cfg, results, out, Path(d), started, log)
 
 
-def summarize(a, cfg, results, out: Path, started: float, log) -> dict:
+def summarize(a, cfg, results, out: str, local: Path, started: float, log) -> dict:
+    """Tables, plot, best.yaml and summary.json into `local` (a staging folder for `out`); best-stage1 into `out`."""
     from med3dvlm.config import save_config
 
     mode = "max" if a.metric == "val_R@1" else "min"
@@ -210,13 +214,14 @@ def summarize(a, cfg, results, out: Path, started: float, log) -> dict:
             "error": str(r.error).splitlines()[0][:200] if r.error else "", "path": r.path})
     scored = [r for r in rows if r["best"] is not None and not r["error"]]
     if not scored:
-        raise UserError(f"no trial reported {a.metric}; see {out / SWEEP_NAME}")
+        raise UserError(f"no trial reported {a.metric}; see {storage.join(out, SWEEP_NAME)}")
     best = (max if mode == "max" else min)(scored, key=lambda r: r["best"])
-    save_config(with_loss_init(cfg, best), out / "best.yaml")  # the user's training settings, the best initialisation
-    export = Path(best["path"]) / "stage1"
-    if export.is_dir():
-        shutil.copytree(export, out / "best-stage1", dirs_exist_ok=True)
-    with open(out / "trials.csv", "w", newline="") as f:
+    save_config(with_loss_init(cfg, best), local / "best.yaml")  # the user's training settings, the best initialisation
+    export = storage.join(out, "runs", best["trial"], "stage1")
+    has_export = storage.is_file(storage.join(export, "config.json"))
+    if has_export:
+        storage.copy_dir(export, storage.join(out, "best-stage1"))
+    with open(local / "trials.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -228,18 +233,18 @@ def summarize(a, cfg, results, out: Path, started: float, log) -> dict:
                   f"{'y' if r['learn_t'] else 'n'} | {'y' if r['learn_b'] else 'n'} | {r['reports']} | "
                   f"{'yes' if r['stopped_early'] else ''} | {fmt(r['final'])} | {fmt(r['best'])} | {fmt(r['final_t'])} | "
                   f"{fmt(r['final_b'])} |")
-    (out / "trials.md").write_text("\n".join(md) + "\n")
-    plot(rows, a.metric, out / "sweep.png")
+    (local / "trials.md").write_text("\n".join(md) + "\n")
+    plot(rows, a.metric, local / "sweep.png")
     summary = {"best": {k: best[k] for k in ("t_init", "b_init", "learn_t", "learn_b", "best", "trial")},
                "metric": a.metric, "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
-               "errors": sum(bool(r["error"]) for r in rows), "best_config": str(out / "best.yaml"),
-               "best_export": str(out / "best-stage1") if export.is_dir() else None,
+               "errors": sum(bool(r["error"]) for r in rows), "best_config": storage.join(out, "best.yaml"),
+               "best_export": storage.join(out, "best-stage1") if has_export else None,
                "wall_s": round(time.time() - started, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (local / "summary.json").write_text(json.dumps(summary, indent=1))
     log("\n".join(md))
     log(f"[sweep] best {a.metric} {best['best']:.3f}: t'={best['t_init']:.3f} b={best['b_init']:.3f} "
         f"learn_t={best['learn_t']} learn_b={best['learn_b']}; {summary['stopped_early']} of {len(rows)} stopped early; "
-        f"config {out / 'best.yaml'} (pipelines.train --config takes it), {time.time() - started:.0f} s")
+        f"config {summary['best_config']} (pipelines.train --config takes it), {time.time() - started:.0f} s")
     return summary
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from med3dvlm import storage
 from med3dvlm.data.transform import preprocess_volume
 from med3dvlm.io import VolumeError, read_volume
 
@@ -69,13 +70,16 @@ def _table(rows: list[dict], schema):
 
 
 def process_shard(spec: dict) -> dict:
-    """Read, transform and write one shard. `spec`: index, out, items (dicts), data (DataConfig as dict), spec_hash."""
+    """Read, transform and write one shard. `spec`: index, out (path or URI), items (dicts), data (DataConfig as dict),
+    spec_hash. The shard is written to a local file first and then moved or uploaded whole."""
+    import tempfile
+
     import pyarrow.parquet as pq
 
-    out = Path(spec["out"])
+    out = spec["out"]
     name = f"part-{spec['index']:05d}"
-    path = out / "volumes" / f"{name}.parquet"
-    state = out / "_state" / f"{name}.json"
+    path = storage.join(out, "volumes", f"{name}.parquet")
+    state = storage.join(out, "_state", f"{name}.json")
     items, data = spec["items"], spec["data"]
     fp = hashlib.sha256()
     for it in items:
@@ -84,51 +88,59 @@ def process_shard(spec: dict) -> dict:
         except OSError as e:
             fp.update(f"{it['volume_id']}:missing:{e}".encode())
     input_fp = fp.hexdigest()
-    if state.is_file() and path.is_file():
-        done = json.loads(state.read_text())
-        if done.get("spec_hash") == spec["spec_hash"] and done.get("input_fp") == input_fp and done.get("sha256") == sha256_file(path):
+    if storage.is_file(state) and storage.is_file(path):
+        done = storage.read_json(state)
+        if done.get("spec_hash") == spec["spec_hash"] and done.get("input_fp") == input_fp and done.get("sha256") == storage.sha256(path):
             return {**done, "skipped": True}
 
     shape, dtype = tuple(data["shape"]), data["dtype"]
     schema = shard_schema(shape, dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".parquet.tmp")
+    local_dir = os.path.dirname(storage.resolve(path)[1]) if storage.is_local(path) else None
+    if local_dir:
+        os.makedirs(local_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{name}-", suffix=".parquet.tmp")
+    os.close(fd)
     rows, buffer, quarantine = 0, [], []
-    writer = pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=["split", "case_split", "volume_id"])
     try:
-        for it in items:
-            try:
-                vol = read_volume(it["source"], data["max_file_bytes"])
-                arr = preprocess_volume(vol, shape, dtype, tuple(data["window"]), data["window_mode"])
-            except VolumeError as e:
-                quarantine.append({"input": it["key"], "volume_id": it["volume_id"], "reason": str(e)})
-                continue
-            except Exception as e:  # anything else is still this input's fault: report it, keep going
-                quarantine.append({"input": it["key"], "volume_id": it["volume_id"], "reason": f"{it['source']}: {type(e).__name__}: {e}"})
-                continue
-            buffer.append({**{k: it[k] for k in ("volume_id", "case_id", "series", "split", "case_split", "report", "qa", "source")},
-                           "volume": arr, "shape": list(shape)})
-            if len(buffer) == data["row_group_size"]:
+        writer = pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=["split", "case_split", "volume_id"])
+        try:
+            for it in items:
+                try:
+                    vol = read_volume(it["source"], data["max_file_bytes"])
+                    arr = preprocess_volume(vol, shape, dtype, tuple(data["window"]), data["window_mode"])
+                except VolumeError as e:
+                    quarantine.append({"input": it["key"], "volume_id": it["volume_id"], "reason": str(e)})
+                    continue
+                except Exception as e:  # anything else is still this input's fault: report it, keep going
+                    quarantine.append({"input": it["key"], "volume_id": it["volume_id"], "reason": f"{it['source']}: {type(e).__name__}: {e}"})
+                    continue
+                buffer.append({**{k: it[k] for k in ("volume_id", "case_id", "series", "split", "case_split", "report", "qa", "source")},
+                               "volume": arr, "shape": list(shape)})
+                if len(buffer) == data["row_group_size"]:
+                    writer.write_table(_table(buffer, schema))
+                    rows += len(buffer)
+                    buffer = []
+            if buffer:
                 writer.write_table(_table(buffer, schema))
                 rows += len(buffer)
-                buffer = []
-        if buffer:
-            writer.write_table(_table(buffer, schema))
-            rows += len(buffer)
+        finally:
+            writer.close()
+        digest, nbytes = sha256_file(tmp), os.path.getsize(tmp)
+        storage.put_file(tmp, path)
     finally:
-        writer.close()
-    os.replace(tmp, path)
-    done = {"shard": name, "spec_hash": spec["spec_hash"], "input_fp": input_fp, "sha256": sha256_file(path),
-            "rows": rows, "inputs": len(items), "quarantine": quarantine, "bytes": path.stat().st_size}
-    state.write_text(json.dumps(done, indent=1, sort_keys=True))
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    done = {"shard": name, "spec_hash": spec["spec_hash"], "input_fp": input_fp, "sha256": digest,
+            "rows": rows, "inputs": len(items), "quarantine": quarantine, "bytes": nbytes}
+    storage.write_text(state, json.dumps(done, indent=1, sort_keys=True))
     import resource
 
     return {**done, "skipped": False, "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def shard_files(out: str | Path) -> list[str]:
-    files = sorted(str(p) for p in (Path(out) / "volumes").glob("part-*.parquet"))
+    """The shard files under `out` (a path or URI), sorted."""
+    files = storage.list_files(storage.join(out, "volumes"), "part-", ".parquet")
     if not files:
         raise FileNotFoundError(f"{out}: no shards (volumes/part-*.parquet); run pipelines.preprocess first")
     return files
@@ -140,7 +152,7 @@ def read_shards(out: str | Path, split: str | list[str] | None = None, split_fie
     import ray.data
     from ray.data.expressions import col, lit
 
-    ds = ray.data.read_parquet(shard_files(out))
+    ds = ray.data.read_parquet(shard_files(storage.absolute(out)))
     if split is not None:
         ds = ds.filter(expr=col(split_field) == lit(split) if isinstance(split, str) else col(split_field).is_in(list(split)))
     if columns:
@@ -153,7 +165,8 @@ def read_table(out: str | Path, columns: list[str] | None = None, split: str | N
     import pyarrow.dataset as pads
     import ray.data  # noqa: F401  (registers the tensor extension type, so `volume` reads as a tensor column)
 
-    dset = pads.dataset(shard_files(out), format="parquet")
+    fs, _ = storage.resolve(out)
+    dset = pads.dataset([storage.resolve(f)[1] for f in shard_files(out)], format="parquet", filesystem=fs)
     flt = (pads.field(split_field) == split) if split is not None else None
     return dset.to_table(columns=columns, filter=flt)
 

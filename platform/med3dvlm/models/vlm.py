@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from med3dvlm.config import ModelConfig, config_from_dict
-from med3dvlm.models.clip import _read_meta, load_tokenizer
+from med3dvlm.models.clip import _read_meta, load_tokenizer, model_dir
 from med3dvlm.models.dcformer import build_dcformer
 from med3dvlm.models.projector import DualStreamProjector, projector_config_for
 
@@ -39,12 +39,11 @@ def build_llm(cfg: ModelConfig, tokenizer, weights: bool = True, dtype: torch.dt
                          num_key_value_heads=cfg.llm_kv_heads, max_position_embeddings=max(cfg.max_len, 512),
                          tie_word_embeddings=False)
         return AutoModelForCausalLM.from_config(hf)
-    if not Path(cfg.llm).exists():
-        raise FileNotFoundError(f"LLM path {cfg.llm} does not exist (models load only from local paths)")
+    path = model_dir(cfg.llm)
     if weights:
-        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, local_files_only=True, dtype=dtype)
+        llm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     else:
-        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.llm, local_files_only=True))
+        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
     old = llm.get_input_embeddings().weight.shape[0]
     if len(tokenizer) != old:
         mean_in = llm.get_input_embeddings().weight.data[:old].mean(0)
@@ -230,7 +229,7 @@ class VLM(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        path = Path(path)
+        path = Path(model_dir(path))
         meta = _read_meta(path, "med3dvlm-vlm")
         cfg = config_from_dict({"model": meta["model"]}).model
         tok = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)

@@ -11,12 +11,13 @@ import importlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+from med3dvlm import storage
 from med3dvlm.config import Config, config_from_dict
 
 
@@ -95,9 +96,11 @@ def export_model(engine, model, out: str, zero_stage: int) -> None:
     if zero_stage == 3:
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             if rank == 0:
-                model.save_pretrained(out)
+                with storage.staged(out) as d:
+                    model.save_pretrained(d)
     elif rank == 0:
-        model.save_pretrained(out)
+        with storage.staged(out) as d:
+            model.save_pretrained(d)
     if dist.is_initialized():
         dist.barrier()
 
@@ -140,7 +143,10 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     keys = ["volume", "input_ids", "attention_mask"] + (["labels"] if stage > 1 else [])
     history, step = [], start
-    writer = _tb_writer(config.get("tensorboard")) if rank == 0 else None
+    tb, tb_dir = config.get("tensorboard") if rank == 0 else None, None
+    if tb and not storage.is_local(tb):  # events go to a local folder, copied next to the export (a bucket) at the end
+        tb_dir = tempfile.mkdtemp(prefix="med3dvlm-tb-")
+    writer = _tb_writer(tb_dir or (tb and storage.resolve(tb)[1]))
     ckpt_every = cfg.train.checkpoint_every or steps_per_epoch
     validate = stage == 1 and cfg.train.eval_every > 0
     t_last = time.perf_counter()
@@ -207,10 +213,13 @@ def train_loop_per_worker(config: dict) -> None:
             raise RuntimeError(f"rank {rank}: the dataset shard ran dry at step {step} of {total}")
     if writer:
         writer.close()
+    if tb_dir:
+        storage.copy_dir(tb_dir, tb)
+        shutil.rmtree(tb_dir, ignore_errors=True)
     if config.get("export"):
         export_model(engine, engine.module, config["export"], cfg.train.zero_stage)
         if rank == 0:
-            Path(config["export"], "history.json").write_text(json.dumps(history))
+            storage.write_text(storage.join(config["export"], "history.json"), json.dumps(history))
 
 
 def _record_placement(export: str | None, start: int, rank: int, world: int) -> None:
@@ -225,11 +234,10 @@ def _record_placement(export: str | None, start: int, rank: int, world: int) -> 
     else:
         nodes = [node]
     if rank == 0 and export:
-        f = Path(export) / "placement.json"
-        runs = json.loads(f.read_text()) if f.is_file() else []
+        f = storage.join(export, "placement.json")
+        runs = storage.read_json(f) if storage.is_file(f) else []
         runs.append({"start_step": start, "nodes": nodes})
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps(runs, indent=1))
+        storage.write_text(f, json.dumps(runs, indent=1))
 
 
 @torch.no_grad()

@@ -1,0 +1,227 @@
+"""Where shards, checkpoints and exports live: a local or NFS path, or a URI that pyarrow's filesystems understand
+(`s3://bucket/prefix`, `gs://...`, `hdfs://...`, `file:///...`).
+
+Every pipeline reads and writes its outputs through these helpers, so the same command runs on a laptop (paths) and on
+a cluster whose nodes share no disk (a bucket). S3 credentials and endpoint come from the usual AWS variables
+(`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL_S3` for MinIO and other S3-compatible
+stores) or from URI query options (`s3://bucket/x?endpoint_override=host:9000&scheme=http`), which `join` keeps.
+
+Libraries that need a local directory (transformers, tokenizers) get one from `local_path`: a remote directory is copied
+once per node into a cache keyed by its listing, so a re-exported model gets a fresh copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def is_uri(loc: str | Path) -> bool:
+    return "://" in str(loc)
+
+
+def resolve(loc: str | Path):
+    """(pyarrow FileSystem, path on it). A plain path is made absolute on the local filesystem."""
+    import pyarrow.fs as pafs
+
+    if is_uri(loc):
+        return pafs.FileSystem.from_uri(str(loc))
+    return pafs.LocalFileSystem(), os.path.abspath(str(loc))
+
+
+def is_local(loc: str | Path) -> bool:
+    """True when `loc` is on this machine's filesystem (a path or a file:// URI)."""
+    import pyarrow.fs as pafs
+
+    return not is_uri(loc) or isinstance(resolve(loc)[0], pafs.LocalFileSystem)
+
+
+def absolute(loc: str | Path) -> str:
+    """What to hand to another process: URIs as given, paths made absolute."""
+    return str(loc) if is_uri(loc) else os.path.abspath(str(loc))
+
+
+def join(loc: str | Path, *parts: str) -> str:
+    """`loc/part/...`, keeping a URI's scheme and query options."""
+    if not is_uri(loc):
+        return os.path.join(str(loc), *parts)
+    base, q, query = str(loc).partition("?")
+    tail = "/".join(p.strip("/") for p in parts if p)
+    return (base.rstrip("/") + "/" + tail if tail else base) + q + query
+
+
+def _info(loc):
+    fs, path = resolve(loc)
+    return fs.get_file_info(path)
+
+
+def is_file(loc) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(loc).type == pafs.FileType.File
+
+
+def is_dir(loc) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(loc).type == pafs.FileType.Directory
+
+
+def exists(loc) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(loc).type != pafs.FileType.NotFound
+
+
+def read_bytes(loc) -> bytes:
+    fs, path = resolve(loc)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(loc) -> str:
+    return read_bytes(loc).decode("utf-8")
+
+
+def read_json(loc):
+    return json.loads(read_bytes(loc))
+
+
+def write_bytes(loc, data: bytes) -> None:
+    """Write a whole file; readers never see half of it (rename locally, a single PUT on object stores)."""
+    if is_local(loc):
+        path = resolve(loc)[1]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    fs, path = resolve(loc)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(loc, text: str) -> None:
+    write_bytes(loc, text.encode("utf-8"))
+
+
+def list_files(loc, prefix: str = "", suffix: str = "") -> list[str]:
+    """Files directly under `loc` whose names match, sorted; [] when `loc` does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(loc)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+    return [join(loc, n) for n in names if n.startswith(prefix) and n.endswith(suffix)]
+
+
+def delete(loc) -> None:
+    """Remove a file or a directory tree; nothing there is fine."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(loc)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.File:
+        fs.delete_file(path)
+    elif kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def sha256(loc) -> str:
+    fs, path = resolve(loc)
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def size(loc) -> int:
+    return _info(loc).size
+
+
+def put_file(local: str, loc) -> None:
+    """Move a finished local file to `loc` (an atomic rename when both are local; otherwise an upload, then delete)."""
+    if is_local(loc):
+        dest = resolve(loc)[1]
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            os.replace(local, dest)
+            return
+        except OSError:  # another device: copy next to the target, then rename
+            tmp = dest + ".tmp"
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dest)
+    else:
+        import pyarrow.fs as pafs
+
+        fs, dest = resolve(loc)
+        pafs.copy_files(local, dest, destination_filesystem=fs)
+    os.unlink(local)
+
+
+def copy_dir(src, dst) -> None:
+    """Copy a directory tree between any two locations (files already at `dst` and not in `src` stay)."""
+    import pyarrow.fs as pafs
+
+    sfs, spath = resolve(src)
+    dfs, dpath = resolve(dst)
+    if isinstance(sfs, pafs.LocalFileSystem) and isinstance(dfs, pafs.LocalFileSystem):
+        if os.path.realpath(spath) != os.path.realpath(dpath):
+            shutil.copytree(spath, dpath, dirs_exist_ok=True)
+        return
+    if isinstance(dfs, pafs.LocalFileSystem):
+        os.makedirs(dpath, exist_ok=True)
+    pafs.copy_files(spath, dpath, source_filesystem=sfs, destination_filesystem=dfs, use_threads=True)
+
+
+@contextmanager
+def staged(loc, pull: bool = False):
+    """A local directory to write `loc`'s files into: `loc` itself when it is local, else a temporary directory that is
+    uploaded when the block succeeds (`pull`: first filled with what `loc` already holds, to resume or append)."""
+    if is_local(loc):
+        path = resolve(loc)[1]
+        os.makedirs(path, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="med3dvlm-staged-") as d:
+        if pull and is_dir(loc):
+            copy_dir(loc, d)
+        yield d
+        copy_dir(d, loc)
+
+
+def cache_root() -> str:
+    return os.environ.get("MED3DVLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "med3dvlm", "remote"))
+
+
+def local_path(loc) -> str:
+    """A local directory holding what directory `loc` holds: the path itself when local; else a node-local copy in
+    `cache_root()`, made once per node (a file lock) and keyed by the remote listing (names, sizes, mtimes)."""
+    import pyarrow.fs as pafs
+    from filelock import FileLock
+
+    if is_local(loc):
+        return resolve(loc)[1]
+    fs, path = resolve(loc)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    files = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    if not files:
+        raise FileNotFoundError(f"{loc}: no files there")
+    key = hashlib.sha1(json.dumps([str(loc), files]).encode()).hexdigest()[:20]
+    root = cache_root()
+    dest = os.path.join(root, key)
+    os.makedirs(root, exist_ok=True)
+    with FileLock(dest + ".lock"):
+        if not os.path.isdir(dest):
+            tmp = tempfile.mkdtemp(dir=root, prefix=f".{key}-")
+            pafs.copy_files(path, tmp, source_filesystem=fs, use_threads=True)
+            os.replace(tmp, dest)
+    return dest
+

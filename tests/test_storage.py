@@ -1,0 +1,167 @@
+"""Storage by path or URI (med3dvlm.storage), against the local disk and an S3-compatible server on localhost."""
+
+import os
+import time
+
+import pytest
+
+from med3dvlm import storage
+
+
+def test_join_keeps_scheme_and_query():
+    assert storage.join("s3://b/x/", "volumes", "part-0.parquet") == "s3://b/x/volumes/part-0.parquet"
+    assert storage.join("s3://b/x?endpoint_override=h:9000&scheme=http", "y") == "s3://b/x/y?endpoint_override=h:9000&scheme=http"
+    assert storage.join("/data/x", "y") == "/data/x/y"
+    assert storage.absolute("rel/dir") == os.path.join(os.getcwd(), "rel/dir")
+    assert storage.absolute("s3://b/rel") == "s3://b/rel"
+    assert storage.is_local("file:///tmp/x") and storage.is_local("x") and not storage.is_local("s3://b/x")
+
+
+@pytest.fixture(params=["path", "file-uri", "s3"])
+def root(request, tmp_path):
+    if request.param == "path":
+        return str(tmp_path / "root")
+    if request.param == "file-uri":
+        return "file://" + str(tmp_path / "root")
+    return request.getfixturevalue("bucket") + "/root"
+
+
+def test_files_round_trip(root, tmp_path):
+    a = storage.join(root, "sub", "a.json")
+    assert not storage.exists(a) and storage.list_files(storage.join(root, "sub")) == []
+    storage.write_text(a, '{"x": 1}')
+    storage.write_bytes(storage.join(root, "sub", "b.bin"), b"\0" * 10)
+    assert storage.read_json(a) == {"x": 1} and storage.is_file(a) and storage.is_dir(storage.join(root, "sub"))
+    assert storage.size(storage.join(root, "sub", "b.bin")) == 10
+    assert [f.rsplit("/", 1)[1] for f in storage.list_files(storage.join(root, "sub"))] == ["a.json", "b.bin"]
+    assert storage.list_files(storage.join(root, "sub"), suffix=".bin") == [storage.join(root, "sub", "b.bin")]
+    local = tmp_path / "shard.tmp"
+    local.write_bytes(b"parquet bytes")
+    storage.put_file(str(local), storage.join(root, "volumes", "part-00000.parquet"))
+    assert not local.exists() and storage.read_bytes(storage.join(root, "volumes", "part-00000.parquet")) == b"parquet bytes"
+    storage.delete(a)
+    storage.delete(a)  # nothing there is fine
+    assert not storage.exists(a)
+    storage.delete(storage.join(root, "sub"))
+    assert not storage.exists(storage.join(root, "sub", "b.bin"))
+
+
+def test_staged_uploads_only_on_success(root):
+    with storage.staged(storage.join(root, "export")) as d:
+        os.makedirs(os.path.join(d, "text"))
+        open(os.path.join(d, "config.json"), "w").write("{}")
+        open(os.path.join(d, "text", "vocab.txt"), "w").write("a\nb\n")
+    assert storage.read_text(storage.join(root, "export", "text", "vocab.txt")) == "a\nb\n"
+    with pytest.raises(RuntimeError):
+        with storage.staged(storage.join(root, "failed")) as d:
+            open(os.path.join(d, "config.json"), "w").write("{}")
+            raise RuntimeError("boom")
+    if not storage.is_local(root):  # a local target is written in place; a remote one only after the block succeeds
+        assert not storage.exists(storage.join(root, "failed", "config.json"))
+    with storage.staged(storage.join(root, "export"), pull=True) as d:  # resume: what is there comes down first
+        assert open(os.path.join(d, "text", "vocab.txt")).read() == "a\nb\n"
+        open(os.path.join(d, "more.txt"), "w").write("x")
+    assert storage.is_file(storage.join(root, "export", "more.txt"))
+    assert storage.is_file(storage.join(root, "export", "config.json"))
+
+
+def test_local_path_copies_remote_once_per_version(bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("MED3DVLM_CACHE", str(tmp_path / "cache"))
+    src = bucket + "/model"
+    storage.write_text(storage.join(src, "config.json"), '{"v": 1}')
+    storage.write_text(storage.join(src, "llm", "w.txt"), "weights")
+    first = storage.local_path(src)
+    assert open(os.path.join(first, "llm", "w.txt")).read() == "weights"
+    assert storage.local_path(src) == first  # cached: same listing, same copy
+    time.sleep(1.1)  # S3 mtimes have one-second resolution
+    storage.write_text(storage.join(src, "config.json"), '{"v": 22}')  # re-exported: a fresh copy
+    second = storage.local_path(src)
+    assert second != first and open(os.path.join(second, "config.json")).read() == '{"v": 22}'
+    local = tmp_path / "plain"
+    local.mkdir()
+    assert storage.local_path(str(local)) == str(local)  # local paths are used in place
+    with pytest.raises(FileNotFoundError, match="no files"):
+        storage.local_path(bucket + "/nothing")
+
+
+def test_copy_dir_between_stores(bucket, tmp_path):
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "x.txt").write_text("1")
+    (src / "y.txt").write_text("2")
+    storage.copy_dir(str(src), bucket + "/c")
+    storage.copy_dir(bucket + "/c", bucket + "/d")
+    storage.copy_dir(bucket + "/d", str(tmp_path / "back"))
+    assert (tmp_path / "back" / "a" / "x.txt").read_text() == "1" and (tmp_path / "back" / "y.txt").read_text() == "2"
+
+
+# ------------------------------------------------------------------------------------------------ pipelines on a bucket
+def _names(loc) -> set:
+    return {f.rsplit("/", 1)[1] for f in storage.list_files(loc)}
+
+
+def test_pipelines_read_and_write_a_bucket(shards, synthetic_m3d, bucket, tmp_path, monkeypatch):
+    """Preprocess -> stage 1 -> stage 2 -> evaluation with every output in a bucket and nothing on a shared disk."""
+    import csv
+    import io
+
+    import torch
+    from safetensors.torch import load
+
+    from conftest import cfg_for
+    from med3dvlm.data.shards import read_table
+    from med3dvlm.models.vlm import VLM
+    from pipelines.evaluate import evaluate, parse_args
+    from pipelines.preprocess import preprocess
+    from pipelines.train import train
+
+    monkeypatch.setenv("MED3DVLM_CACHE", str(tmp_path / "cache"))
+    local_shards, local_manifest, cfg = shards
+    raw, _ = synthetic_m3d
+    s3_shards, ckpt = bucket + "/shards", bucket + "/ckpt"
+    quiet = lambda *_: None  # noqa: E731
+
+    m = preprocess(cfg, raw, s3_shards, log=quiet)
+    # same inputs, same config: byte-identical shards whether they land on a disk or in a bucket
+    assert m["outputs"] == local_manifest["outputs"] and m["counts"] == local_manifest["counts"]
+    assert _names(bucket + "/shards") == {"manifest.json", "run.json"}
+    assert storage.read_json(s3_shards + "/manifest.json")["outputs"] == m["outputs"]
+    assert preprocess(cfg, raw, s3_shards, log=quiet)["figures"]["skipped_shards"] == m["counts"]["shards"]
+    assert read_table(s3_shards, ["volume_id"]).equals(read_table(local_shards, ["volume_id"]))
+
+    r1 = train(cfg_for(), 1, s3_shards, ckpt, log=quiet)
+    assert r1["export"] == ckpt + "/stage1" and r1["figures"]["loss_last"] < r1["figures"]["loss_first"]
+    assert {"config.json", "model.safetensors", "history.json", "run.json", "curves.png", "placement.json"} <= _names(r1["export"])
+    assert storage.list_files(r1["export"] + "/tensorboard", prefix="events.")
+    assert storage.read_json(r1["export"] + "/history.json") == r1["history"]
+    # DeepSpeed checkpoints went to the bucket through Ray Train's storage
+    assert r1["checkpoint"].path.startswith(ckpt.removeprefix("s3://") + "/ray/")
+    assert "ds" in {i.rsplit("/", 1)[1] for i in _listing(r1["checkpoint"].path)}
+
+    r2 = train(cfg_for(), 2, s3_shards, ckpt, r1["export"], log=quiet)  # --init from the bucket
+    assert r2["figures"]["loss_last"] < r2["figures"]["loss_first"]
+    exported = load(storage.read_bytes(r2["export"] + "/model.safetensors"))
+    vlm = VLM.from_pretrained(r2["export"])  # copied once into the node-local cache, then loaded
+    assert all(torch.equal(v, exported[k]) for k, v in vlm.state_dict().items())
+    assert os.listdir(tmp_path / "cache")
+
+    def evaluate_into(task, model, out, *extra):
+        return evaluate(parse_args(["--task", task, "--model", model, "--shards", s3_shards, "--out", out, *extra]), log=quiet)
+
+    res = evaluate_into("retrieval", r1["export"], bucket + "/eval-retrieval")
+    assert res["out"] == bucket + "/eval-retrieval"
+    assert {"results.json", "results.md", "samples.csv", "similarity.png", "run.json"} <= _names(res["out"])
+    assert storage.read_json(res["out"] + "/results.json")["metrics"] == res["metrics"]
+    first = evaluate_into("report", r2["export"], bucket + "/eval-report", "--limit", "1", "--max-new-tokens", "4",
+                          "--no-bertscore")
+    res = evaluate_into("report", r2["export"], bucket + "/eval-report", "--resume", "--max-new-tokens", "4",
+                        "--no-bertscore")
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(res["out"] + "/samples.csv"))))
+    assert first["n"] == 1 and res["n"] == len(rows) > 1 and len({r["key"] for r in rows}) == len(rows)
+
+
+def _listing(fs_path: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs = pafs.FileSystem.from_uri("s3://" + fs_path)[0]
+    return [i.path for i in fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))]
