@@ -1,6 +1,8 @@
 """A two-node Ray cluster on this machine (`ray start --head` + `ray start --address`, separate temp dirs and
 resources): preprocessing and stage-1 training submitted with `ray job submit`, training workers placed on both nodes,
-then one node stopped mid-training: the run resumes from its checkpoint on the remaining node and finishes."""
+then one node stopped mid-training: the run resumes from its checkpoint on the remaining node and finishes.
+Shards, checkpoints and the export live in a bucket (an S3-compatible server on localhost), as on a cluster whose
+nodes share no disk."""
 
 import json
 import os
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST, free_port
+from med3dvlm import storage
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -88,7 +91,23 @@ def _job(c, what: str, sid: str) -> str:
     return out.lower() if what == "status" else out
 
 
-def test_two_node_preprocess_train_and_survive_a_node_loss(cluster, synthetic_m3d, tmp_path):
+def _checkpoints(root: str) -> list[str]:
+    """Checkpoints Ray Train has registered (its checkpoint-manager snapshot under <root>/<run>/), not merely begun
+    uploading: a checkpoint_* folder appears in a bucket with its first object."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(root)
+    out = []
+    for r in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        snap = storage.join(root, r.base_name, "checkpoint_manager_snapshot.json")
+        if r.type == pafs.FileType.Directory and storage.is_file(snap):
+            latest = storage.read_json(snap).get("latest_checkpoint_result")
+            if latest:
+                out.append(str(latest))
+    return out
+
+
+def test_two_node_preprocess_train_and_survive_a_node_loss(cluster, synthetic_m3d, bucket):
     c = cluster
     for _ in range(60):
         if _alive_nodes(c) == 2:
@@ -96,22 +115,21 @@ def test_two_node_preprocess_train_and_survive_a_node_loss(cluster, synthetic_m3
         time.sleep(1)
     assert _alive_nodes(c) == 2
     raw, _ = synthetic_m3d
-    shards, out = tmp_path / "shards", tmp_path / "ckpt"
-    sid = _submit(c, ["pipelines.preprocess", "--config", "tiny", "--raw", str(raw), "--out", str(shards),
+    shards, out = bucket + "/shards", bucket + "/ckpt"
+    sid = _submit(c, ["pipelines.preprocess", "--config", "tiny", "--raw", str(raw), "--out", shards,
                       "data.rows_per_shard=8"])
     assert "succeeded" in _job(c, "status", sid)
-    assert json.loads((shards / "manifest.json").read_text())["counts"]["rows"] > 0
+    assert storage.read_json(shards + "/manifest.json")["counts"]["rows"] > 0
     overrides = [o for o in FAST if not o.startswith(("train.stage1.epochs", "train.max_failures"))]
-    sid = _submit(c, ["pipelines.train", "--stage", "1", "--config", "tiny", "--shards", str(shards), "--out", str(out),
+    sid = _submit(c, ["pipelines.train", "--stage", "1", "--config", "tiny", "--shards", shards, "--out", out,
                       *overrides, "train.stage1.epochs=12", "train.checkpoint_every=2", "train.max_failures=3",
                       "train.placement_strategy=SPREAD", "train.cpus_per_worker=1"], wait=False)
-    placement = out / "stage1" / "placement.json"
-    ckpts = out / "ray"
+    placement = out + "/stage1/placement.json"
     deadline = time.time() + 400
-    while time.time() < deadline and not list(ckpts.glob("*/checkpoint_*")):
+    while time.time() < deadline and not _checkpoints(out + "/ray"):
         assert " failed" not in _job(c, "status", sid), _job(c, "logs", sid)[-3000:]
         time.sleep(1)
-    first = json.loads(placement.read_text())[0]
+    first = storage.read_json(placement)[0]
     assert len(set(first["nodes"])) == 2, first  # one training worker on each node
     os.killpg(c["worker"].pid, signal.SIGKILL)  # stop the worker node mid-training
     while time.time() < deadline and "succeeded" not in (status := _job(c, "status", sid)):
@@ -119,10 +137,10 @@ def test_two_node_preprocess_train_and_survive_a_node_loss(cluster, synthetic_m3
         time.sleep(2)
     logs = _job(c, "logs", sid)
     assert "succeeded" in _job(c, "status", sid) and "[train] stage 1 done" in logs
-    runs = json.loads(placement.read_text())
+    runs = storage.read_json(placement)
     assert len(runs) >= 2 and runs[-1]["start_step"] > 0  # restarted from a checkpoint, not from step 0
     assert len(set(runs[-1]["nodes"])) == 1 and runs[-1]["nodes"][0] in first["nodes"]  # on the remaining node
-    history = json.loads((out / "stage1" / "history.json").read_text())
-    total = json.loads((out / "stage1" / "run.json").read_text())["figures"]["last_step"] + 1
-    assert history[-1]["step"] == total - 1 and (out / "stage1" / "model.safetensors").is_file()
+    history = storage.read_json(out + "/stage1/history.json")
+    total = storage.read_json(out + "/stage1/run.json")["figures"]["last_step"] + 1
+    assert history[-1]["step"] == total - 1 and storage.is_file(out + "/stage1/model.safetensors")
     assert _alive_nodes(c) == 1
