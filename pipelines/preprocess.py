@@ -1,6 +1,7 @@
 """Raw M3D-style data (or a folder of volumes + reports) -> Parquet shards + manifest.json, on Ray Data.
 
     python -m pipelines.preprocess --config m3d --raw /data/M3D --out /data/shards
+    python -m pipelines.preprocess --config m3d --raw s3://bucket/M3D --out s3://bucket/shards
 
 The driver builds the manifest (cheap: folder listing, JSON/CSV parsing); each shard is one Ray Data task that reads,
 transforms and writes its volumes. Finished shards are skipped on a re-run.
@@ -17,7 +18,6 @@ from pathlib import Path
 
 from med3dvlm import storage
 from med3dvlm.data.manifest import ManifestError, build_manifest, case_split
-from med3dvlm.data.shards import sha256_file
 from pipelines.common import UserError, config_from_args, init_ray, parser, run_main, sha256_json, write_run_json
 
 
@@ -44,7 +44,7 @@ def preprocess(cfg, raw: str | Path, out: str | Path, log=print) -> dict:
 
     from med3dvlm.data.shards import process_shard
 
-    raw, out = Path(raw), storage.absolute(out)
+    raw, out = storage.absolute(raw), storage.absolute(out)
     started = time.time()
     try:
         items, qa_quarantine = build_manifest(raw, cfg.data.case_split)
@@ -78,10 +78,11 @@ def preprocess(cfg, raw: str | Path, out: str | Path, log=print) -> dict:
     if rows + len(quarantine) != len(items):
         raise RuntimeError(f"count mismatch: {len(items)} inputs != {rows} rows + {len(quarantine)} quarantined")
     qa_in = sum(len(it.qa) for it in items) + len(qa_quarantine)
-    manifest_inputs = {p.name: sha256_file(p) for p in sorted(raw.glob("*.json")) + sorted(raw.glob("*.csv"))}
+    manifest_inputs = {f.rsplit("/", 1)[-1]: storage.sha256(f) for f in
+                       storage.list_files(raw, suffix=".json") + storage.list_files(raw, suffix=".csv")}
     manifest = {
         "config": dataclasses.asdict(cfg.data),
-        "layout": "m3d" if (raw / "M3D_Cap").is_dir() or (raw / "M3D_Cap.json").is_file() else "generic",
+        "layout": "m3d" if storage.is_dir(storage.join(raw, "M3D_Cap")) or storage.is_file(storage.join(raw, "M3D_Cap.json")) else "generic",
         "counts": {
             "inputs": len(items), "rows": rows, "quarantined": len(quarantine), "shards": len(results),
             "split": dict(sorted(Counter(it.split for it in written).items())),
@@ -119,7 +120,8 @@ def summary(manifest: dict) -> str:
 
 def arg_parser():
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--raw", required=True, help="raw data root (M3D layout, or volumes + reports.csv/json)")
+    p.add_argument("--raw", required=True, help="raw data root (M3D layout, or volumes + reports.csv/json): a path or a "
+                                                "URI (s3://bucket/M3D)")
     p.add_argument("--out", required=True, help="where volumes/part-*.parquet and manifest.json go: a path or a URI "
                                                "(s3://bucket/shards)")
     return p
@@ -128,7 +130,7 @@ def arg_parser():
 def main(argv=None):
     args = arg_parser().parse_args(argv)
     cfg = config_from_args(args)
-    if not Path(args.raw).is_dir():
+    if not storage.is_dir(args.raw):
         raise UserError(f"--raw {args.raw}: folder does not exist")
     manifest = preprocess(cfg, args.raw, args.out)
     print(summary(manifest))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -80,7 +81,7 @@ def exists(loc) -> bool:
 
 def read_bytes(loc) -> bytes:
     fs, path = resolve(loc)
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         return f.read()
 
 
@@ -103,7 +104,7 @@ def write_bytes(loc, data: bytes) -> None:
         os.replace(tmp, path)
         return
     fs, path = resolve(loc)
-    with fs.open_output_stream(path) as f:
+    with fs.open_output_stream(path, compression=None) as f:
         f.write(data)
 
 
@@ -136,7 +137,7 @@ def delete(loc) -> None:
 def sha256(loc) -> str:
     fs, path = resolve(loc)
     h = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
@@ -225,3 +226,133 @@ def local_path(loc) -> str:
             os.replace(tmp, dest)
     return dest
 
+
+
+class RemotePath:
+    """The read-only pathlib subset the manifest builder uses (`/`, name, exists, is_file, is_dir, iterdir, read_bytes,
+    read_text) over one recursive listing of a remote tree: one listing instead of a request per check. `str()` is the
+    URI, which is what preprocessing workers fetch."""
+
+    def __init__(self, uri: str, _index: dict | None = None, _rel: str = ""):
+        if _index is None:
+            _index = _list_tree(uri)
+        self._index, self._rel = _index, _rel
+
+    def __truediv__(self, other) -> "RemotePath":
+        rel = posixpath.normpath(posixpath.join(self._rel, str(other)))
+        return RemotePath("", self._index, "" if rel == "." else rel)
+
+    def __str__(self) -> str:
+        return join(self._index["uri"], self._rel) if self._rel else self._index["uri"]
+
+    def __repr__(self) -> str:
+        return f"RemotePath({str(self)!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RemotePath) and str(self) == str(other)
+
+    def __lt__(self, other) -> bool:
+        return str(self) < str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self._rel or self._index["root"])
+
+    def is_file(self) -> bool:
+        return self._index["kinds"].get(self._rel) == "file"
+
+    def is_dir(self) -> bool:
+        return self._index["kinds"].get(self._rel) == "dir"
+
+    def exists(self) -> bool:
+        return self._rel in self._index["kinds"]
+
+    def iterdir(self):
+        for rel in sorted(self._index["children"].get(self._rel, [])):
+            yield RemotePath("", self._index, rel)
+
+    def read_bytes(self) -> bytes:
+        with self._index["fs"].open_input_stream(f"{self._index['root']}/{self._rel}", compression=None) as f:
+            return f.read()
+
+    def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return self.read_bytes().decode(encoding, errors)
+
+
+def _list_tree(uri: str) -> dict:
+    import pyarrow.fs as pafs
+
+    fs, root = resolve(uri)
+    root = root.rstrip("/")
+    kinds = {"": "dir"}
+    for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        rel = i.path[len(root) + 1:]
+        if i.type == pafs.FileType.File:
+            kinds[rel] = "file"
+        elif i.type == pafs.FileType.Directory:
+            kinds.setdefault(rel, "dir")
+        parts = rel.split("/")
+        for k in range(1, len(parts)):  # object stores need not list the "folders" between
+            kinds.setdefault("/".join(parts[:k]), "dir")
+    children: dict[str, list[str]] = {}
+    for rel in kinds:
+        if rel:
+            children.setdefault(posixpath.dirname(rel), []).append(rel)
+    if len(kinds) == 1 and fs.get_file_info(root).type == pafs.FileType.NotFound:
+        kinds = {}
+    return {"uri": uri.rstrip("/"), "fs": fs, "root": root, "kinds": kinds, "children": children}
+
+
+def as_tree(loc):
+    """A `pathlib.Path` for a local location, a `RemotePath` (one listing) for a remote one."""
+    return Path(resolve(loc)[1]) if is_local(loc) else RemotePath(str(loc))
+
+
+class FetchError(OSError):
+    """A remote input that is missing or too large to copy: the input's fault, reported with its URI."""
+
+
+@contextmanager
+def fetched(loc, max_bytes: int | None = None):
+    """A local path for the file or folder at `loc`: itself when local, else a temporary copy (deleted afterwards).
+    A remote input larger than `max_bytes` in total is refused before any byte is copied."""
+    import pyarrow.fs as pafs
+
+    if is_local(loc):
+        yield resolve(loc)[1]
+        return
+    fs, path = resolve(loc)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FetchError(f"{loc}: does not exist")
+    files = [info] if info.type == pafs.FileType.File else [
+        i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
+    total = sum(i.size for i in files)
+    if max_bytes is not None and total > max_bytes:
+        raise FetchError(f"{loc}: {total} bytes, over the {max_bytes}-byte limit per volume")
+    with tempfile.TemporaryDirectory(prefix="med3dvlm-fetch-") as d:
+        local = os.path.join(d, posixpath.basename(path.rstrip("/")))
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(path, compression=None) as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        else:
+            os.makedirs(local)
+            pafs.copy_files(path, local, source_filesystem=fs, use_threads=True)
+        yield local
+
+
+def fingerprint(loc) -> list:
+    """(name, size, mtime_ns) of a file, or of every file directly in a folder: what says an input changed."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(loc)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{loc}: does not exist")
+    if info.type == pafs.FileType.File:
+        return [(info.base_name, info.size, info.mtime_ns)]
+    return [(i.base_name, i.size, i.mtime_ns) for i in sorted(fs.get_file_info(pafs.FileSelector(path)),
+                                                            key=lambda i: i.base_name)]

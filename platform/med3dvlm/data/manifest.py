@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from med3dvlm import storage
 
 VQA_COLUMNS = ["Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer", "Answer Choice"]
 VQA_FILES = {  # file -> the qa split it carries
@@ -47,6 +50,11 @@ class Item:
     report: str = ""
     qa: list[dict] = field(default_factory=list)
     error: str | None = None
+
+
+def _text_lines(path) -> io.StringIO:
+    """A CSV file's text for csv.DictReader (local Path or RemotePath; newlines inside quoted fields kept)."""
+    return io.StringIO(path.read_bytes().decode("utf-8"), newline="")
 
 
 def stable_id(text: str) -> str:
@@ -86,8 +94,8 @@ def is_m3d_layout(raw: Path) -> bool:
 
 
 def build_manifest(raw: str | Path, fractions=(0.8, 0.1, 0.1)) -> tuple[list[Item], list[dict]]:
-    """Returns (items, qa_quarantine)."""
-    raw = Path(raw)
+    """Returns (items, qa_quarantine). `raw`: a path, or a URI (s3://bucket/M3D) listed once."""
+    raw = storage.as_tree(raw)
     if not raw.is_dir():
         raise ManifestError(f"{raw}: raw data folder does not exist")
     items = _m3d_items(raw) if is_m3d_layout(raw) else _generic_items(raw)
@@ -180,10 +188,9 @@ def _m3d_items(raw: Path) -> list[Item]:
 def _generic_items(raw: Path) -> list[Item]:
     if (raw / "reports.csv").is_file():
         path = raw / "reports.csv"
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            cols = reader.fieldnames or []
-            rows = list(reader)
+        reader = csv.DictReader(_text_lines(path))
+        cols = reader.fieldnames or []
+        rows = list(reader)
     elif (raw / "reports.json").is_file():
         path = raw / "reports.json"
         try:
@@ -219,30 +226,29 @@ def _attach_vqa(raw: Path, items: list[Item]) -> list[dict]:
         path = raw / name
         if not path.is_file():
             continue
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            cols = reader.fieldnames or []
-            missing = [c for c in VQA_COLUMNS if c not in cols]
-            if missing:
-                raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
-            for line, row in enumerate(reader, start=2):
-                it = by_key.get(_strip_ext(row["Image Path"]))
-                if it is None:
-                    quarantine.append({"input": f"{path}:{line}", "reason": f"{raw / row['Image Path']}: image does not exist ({name} line {line})"})
-                    continue
-                try:
-                    qtype = int(row["Question Type"])
-                except ValueError:
-                    quarantine.append({"input": f"{path}:{line}", "reason": f"{name} line {line}: Question Type {row['Question Type']!r} is not an integer"})
-                    continue
-                it.qa.append({
-                    "question_type": qtype,
-                    "question": row["Question"],
-                    "choice_a": row["Choice A"], "choice_b": row["Choice B"],
-                    "choice_c": row["Choice C"], "choice_d": row["Choice D"],
-                    "answer": row["Answer"],
-                    "answer_choice": row["Answer Choice"],
-                    "split": qsplit,
-                    "yes_no": qsplit == "yn_train",
-                })
+        reader = csv.DictReader(_text_lines(path))
+        cols = reader.fieldnames or []
+        missing = [c for c in VQA_COLUMNS if c not in cols]
+        if missing:
+            raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
+        for line, row in enumerate(reader, start=2):
+            it = by_key.get(_strip_ext(row["Image Path"]))
+            if it is None:
+                quarantine.append({"input": f"{path}:{line}", "reason": f"{raw / row['Image Path']}: image does not exist ({name} line {line})"})
+                continue
+            try:
+                qtype = int(row["Question Type"])
+            except ValueError:
+                quarantine.append({"input": f"{path}:{line}", "reason": f"{name} line {line}: Question Type {row['Question Type']!r} is not an integer"})
+                continue
+            it.qa.append({
+                "question_type": qtype,
+                "question": row["Question"],
+                "choice_a": row["Choice A"], "choice_b": row["Choice B"],
+                "choice_c": row["Choice C"], "choice_d": row["Choice D"],
+                "answer": row["Answer"],
+                "answer_choice": row["Answer Choice"],
+                "split": qsplit,
+                "yes_no": qsplit == "yn_train",
+            })
     return quarantine

@@ -49,6 +49,8 @@ def sha256_file(path: str | Path) -> str:
 
 def input_fingerprint(source: str) -> list:
     """(name, size, mtime_ns) of the input file or of every file in the series folder."""
+    if not storage.is_local(source):
+        return storage.fingerprint(source)
     p = Path(source)
     if p.is_dir():
         return [(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in sorted(os.scandir(p), key=lambda e: e.name)]
@@ -106,9 +108,13 @@ def process_shard(spec: dict) -> dict:
         try:
             for it in items:
                 try:
-                    vol = read_volume(it["source"], data["max_file_bytes"])
+                    with storage.fetched(it["source"], data["max_file_bytes"]) as src:  # a remote input: a local copy
+                        try:
+                            vol = read_volume(src, data["max_file_bytes"])
+                        except VolumeError as e:  # name the input the user gave, not the temporary copy
+                            raise VolumeError(str(e).replace(src, it["source"])) from None
                     arr = preprocess_volume(vol, shape, dtype, tuple(data["window"]), data["window_mode"])
-                except VolumeError as e:
+                except (VolumeError, storage.FetchError) as e:
                     quarantine.append({"input": it["key"], "volume_id": it["volume_id"], "reason": str(e)})
                     continue
                 except Exception as e:  # anything else is still this input's fault: report it, keep going
