@@ -38,14 +38,18 @@ def s3_server():
     server.stop()
 
 
-@pytest.fixture
-def bucket(s3_server):
-    """A fresh, empty bucket: `s3://<name>`."""
+def new_bucket() -> str:
+    """A fresh, empty bucket on the test S3 server: `s3://<name>`."""
     import boto3
 
     name = f"t-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def bucket(s3_server):
+    return new_bucket()
 
 
 @pytest.fixture(scope="session")

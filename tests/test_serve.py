@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import free_port
+from conftest import free_port, new_bucket
 from uploads import bad_uploads, good_uploads, nifti_bytes, npy_bytes, volume
 
 TOKEN = "s3cret-token"
@@ -15,17 +15,22 @@ TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module")
-def served(chain, shards):
+def served(chain, shards, s3_server):
     from ray import serve
 
+    from med3dvlm import storage
     from serve.app import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = {"model": chain[3]["export"], "replica_cpus": 0.1, "max_upload_mb": 8, "cache_size": 4}
-    serve.run(build_app({**common, "clip": chain[1]["export"], "index": str(shards[0]), "token": TOKEN}),
-              name="med", route_prefix="/")
-    serve.run(build_app(common), name="open", route_prefix="/open")
+    common = {"replica_cpus": 0.1, "max_upload_mb": 8, "cache_size": 4}
+    # the main app loads its models and index from a bucket (as on a cluster without a shared disk), /open from paths
+    b = new_bucket()
+    for src, dst in ((chain[3]["export"], "stage3"), (chain[1]["export"], "stage1"), (str(shards[0]), "shards")):
+        storage.copy_dir(src, f"{b}/{dst}")
+    serve.run(build_app({**common, "model": f"{b}/stage3", "clip": f"{b}/stage1", "index": f"{b}/shards",
+                         "token": TOKEN}), name="med", route_prefix="/")
+    serve.run(build_app({**common, "model": chain[3]["export"]}), name="open", route_prefix="/open")
     base = f"http://127.0.0.1:{port}"
     yield base
     serve.shutdown()
@@ -43,6 +48,7 @@ def post(base, path, files=None, data=None, headers=None, timeout=120):
 def test_health_docs_and_page(served):
     h = requests.get(served + "/healthz", timeout=30).json()
     assert h["status"] == "ok" and h["retrieval"] is True and h["model"]["encoder"] == "nano"
+    assert h["model"]["path"].startswith("s3://") and h["model"]["path"].endswith("/stage3")  # loaded from the bucket
     assert "/v1/report" in requests.get(served + "/openapi.json", timeout=30).json()["paths"]
     assert requests.get(served + "/docs", timeout=30).status_code == 200
     assert "<input id=\"file\"" in requests.get(served + "/", timeout=30).text

@@ -194,3 +194,4 @@ def test_preprocess_reads_raw_data_from_a_bucket(shards, synthetic_m3d, bucket, 
     assert ours.select(cols).equals(theirs.select(cols))
     assert (volumes_from_table(ours) == volumes_from_table(theirs)).all()
     assert all(s.startswith(bucket + "/M3D/") for s in ours.column("source").to_pylist())
+
