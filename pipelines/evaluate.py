@@ -261,7 +261,8 @@ def model_lowercases(model_dir: str) -> bool:
 
     from med3dvlm.eval.vqa import lowercases
 
-    return lowercases(AutoTokenizer.from_pretrained(Path(storage.local_path(model_dir)) / "tokenizer", local_files_only=True))
+    tok = storage.local_path(storage.join(model_dir, "tokenizer"))  # only the tokenizer, not the weights, to the driver
+    return lowercases(AutoTokenizer.from_pretrained(tok, local_files_only=True))
 
 
 def aggregate_closed(rows: list[dict]) -> dict:
