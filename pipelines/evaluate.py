@@ -79,7 +79,7 @@ def parse_args(argv):
 
 def check_inputs(a) -> int:
     """Every reason to refuse, before Ray starts. Returns the number of volumes in the evaluated split."""
-    import pyarrow.dataset as pads
+    from med3dvlm.data.shards import list_shards, read_table
 
     meta_f = storage.join(a.model, "config.json")
     if not storage.is_file(meta_f):
@@ -89,12 +89,9 @@ def check_inputs(a) -> int:
     if kind != want:
         need = "stage 1's export (CLIP)" if want == "med3dvlm-clip" else "stage 2 or 3's export (VLM)"
         raise UserError(f"--model {a.model}: holds a {kind} model; --task {a.task} needs {need}")
-    files = storage.list_files(storage.join(a.shards, "volumes"), "part-", ".parquet")
-    if not files:
+    if not list_shards(a.shards):
         raise UserError(f"--shards {a.shards}: no shards there (volumes/part-*.parquet); run pipelines.preprocess")
-    fs = storage.resolve(a.shards)[0]
-    splits = pads.dataset([storage.resolve(f)[1] for f in files], format="parquet",
-                          filesystem=fs).to_table(columns=[a.split_field])
+    splits = read_table(a.shards, [a.split_field])
     counts = {}
     for s in splits.column(0).to_pylist():
         counts[s] = counts.get(s, 0) + 1

@@ -42,7 +42,7 @@ def plan_shards(items, cfg, out: str) -> list[dict]:
 def preprocess(cfg, raw: str | Path, out: str | Path, log=print) -> dict:
     import ray.data
 
-    from med3dvlm.data.shards import process_shard
+    from med3dvlm.data.shards import list_shards, process_shard
 
     raw, out = storage.absolute(raw), storage.absolute(out)
     started = time.time()
@@ -54,7 +54,7 @@ def preprocess(cfg, raw: str | Path, out: str | Path, log=print) -> dict:
     log(f"[preprocess] {len(items)} inputs, {sum(1 for i in items if i.error)} unusable before reading, "
         f"{len(specs)} shards of up to {cfg.data.rows_per_shard} volumes -> {out}")
     # stale shards from a run with more shards must not be read back
-    for p in storage.list_files(storage.join(out, "volumes"), "part-", ".parquet"):
+    for p in list_shards(out):
         if int(p.rsplit("/", 1)[-1][len("part-"):-len(".parquet")]) >= len(specs):
             storage.delete(p)
     init_ray()

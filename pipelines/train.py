@@ -61,8 +61,10 @@ def build_dataset(cfg, stage: int, shards: str, split: str = "train", training: 
 
 def check_inputs(cfg, stage: int, shards: str, init: str | None) -> dict:
     """Every reason to refuse, found before any worker starts. Returns the shards' manifest."""
+    from med3dvlm.data.shards import list_shards
+
     man = storage.join(shards, "manifest.json")
-    if not storage.is_file(man) or not storage.list_files(storage.join(shards, "volumes"), "part-", ".parquet"):
+    if not storage.is_file(man) or not list_shards(shards):
         raise UserError(f"--shards {shards}: no shards there (manifest.json and volumes/part-*.parquet); run pipelines.preprocess")
     manifest = storage.read_json(man)
     if tuple(manifest["config"]["shape"]) != tuple(cfg.data.shape):

@@ -137,9 +137,10 @@ def max_concurrent(cfg, cluster: dict) -> int:
 
 
 def check_shards(cfg, shards: str) -> None:
+    from med3dvlm.data.shards import list_shards
     from pipelines.train import count_validation
 
-    if not storage.list_files(storage.join(shards, "volumes"), "part-", ".parquet"):
+    if not list_shards(shards):
         raise UserError(f"--shards {shards}: no shards there (volumes/part-*.parquet); run pipelines.preprocess")
     if count_validation(cfg, shards) < 2:
         raise UserError(f"--shards {shards}: fewer than 2 '{cfg.train.validation_split}' rows in field "

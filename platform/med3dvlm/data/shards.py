@@ -39,14 +39,6 @@ def shard_schema(shape, dtype: str):
     ])
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def input_fingerprint(source: str) -> list:
     """(name, size, mtime_ns) of the input file or of every file in the series folder."""
     if not storage.is_local(source):
@@ -131,7 +123,7 @@ def process_shard(spec: dict) -> dict:
                 rows += len(buffer)
         finally:
             writer.close()
-        digest, nbytes = sha256_file(tmp), os.path.getsize(tmp)
+        digest, nbytes = storage.sha256(tmp), os.path.getsize(tmp)
         storage.put_file(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -144,9 +136,14 @@ def process_shard(spec: dict) -> dict:
     return {**done, "skipped": False, "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def list_shards(out: str | Path) -> list[str]:
+    """The shard files under `out` (a path or URI), sorted; [] when there are none."""
+    return storage.list_files(storage.join(out, "volumes"), "part-", ".parquet")
+
+
 def shard_files(out: str | Path) -> list[str]:
-    """The shard files under `out` (a path or URI), sorted."""
-    files = storage.list_files(storage.join(out, "volumes"), "part-", ".parquet")
+    """`list_shards`, refusing an empty folder."""
+    files = list_shards(out)
     if not files:
         raise FileNotFoundError(f"{out}: no shards (volumes/part-*.parquet); run pipelines.preprocess first")
     return files

@@ -143,10 +143,10 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     keys = ["volume", "input_ids", "attention_mask"] + (["labels"] if stage > 1 else [])
     history, step = [], start
-    tb, tb_dir = config.get("tensorboard") if rank == 0 else None, None
-    if tb and not storage.is_local(tb):  # events go to a local folder, copied next to the export (a bucket) at the end
-        tb_dir = tempfile.mkdtemp(prefix="med3dvlm-tb-")
-    writer = _tb_writer(tb_dir or (tb and storage.resolve(tb)[1]))
+    tb = config.get("tensorboard") if rank == 0 else None
+    tb_remote = bool(tb) and not storage.is_local(tb)  # then events go to a local folder, uploaded at the end
+    tb_dir = tempfile.mkdtemp(prefix="med3dvlm-tb-") if tb_remote else tb and storage.resolve(tb)[1]
+    writer = _tb_writer(tb_dir)
     ckpt_every = cfg.train.checkpoint_every or steps_per_epoch
     validate = stage == 1 and cfg.train.eval_every > 0
     t_last = time.perf_counter()
@@ -213,7 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
             raise RuntimeError(f"rank {rank}: the dataset shard ran dry at step {step} of {total}")
     if writer:
         writer.close()
-    if tb_dir:
+    if tb_remote:
         storage.copy_dir(tb_dir, tb)
         shutil.rmtree(tb_dir, ignore_errors=True)
     if config.get("export"):
