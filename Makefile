@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export NLTK_DATA := $(CURDIR)/.venv/nltk_data
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,9 @@ demo: setup
 
 test: setup
 	set -o pipefail; timeout 1500 $(PY) -m pytest tests 2>&1 | tee .venv/last-test.log
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not ray"
 
 bench: setup
 	$(PY) bench/preprocess.py

@@ -2,7 +2,7 @@
 
 Baseline: MONAI's ViT with M3D-LaMed's shape (patch 4x16x16 -> 2048 tokens, width 768, 12 layers, 12 heads).
 Each row: samples/s for a batch-1 forward+backward (2 threads by default), forward FLOPs per sample, and the
-ratio to the ViT. Reference figures (DESIGN.md section 10, the research code's own steps, same machine class):
+ratio to the ViT. Reference figures (README, "Benchmarks"):
 DCFormer-small 1.65 samples/s, nano 5.6-6.7, tiny 1.3-1.75; ViT 0.046.
 
     .venv/bin/python bench/encoder.py [--threads 2] [--steps 5]

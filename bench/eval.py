@@ -23,7 +23,7 @@ os.environ.setdefault("NLTK_DATA", str(ROOT / ".venv" / "nltk_data"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from med3dvlm.config import load_config  # noqa: E402
-from med3dvlm.data.samples import REPORT_PROMPTS  # noqa: E402
+from med3dvlm.models.prompt import REPORT_PROMPTS  # noqa: E402
 from med3dvlm.models.vlm import VLM  # noqa: E402
 
 

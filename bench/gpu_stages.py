@@ -79,7 +79,7 @@ def stage3_batch(m, b, shape, dev, text_len=256):
 def step_fn(model, opt, batch, stage):
     with torch.autocast(model_device(model).type, dtype=torch.bfloat16):
         out = model(**batch)
-        loss = out["loss"] if stage == 1 else out.loss
+        loss = out.loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
@@ -101,7 +101,7 @@ def flops_per_sample(model, batch_fn, stage):
     with FlopCounterMode(display=False) as fc:
         with torch.autocast(model_device(model).type, dtype=torch.bfloat16):
             out = model(**batch)
-            loss = out["loss"] if stage == 1 else out.loss
+            loss = out.loss
         loss.backward()
     if llm is not None:
         llm.set_attn_implementation("sdpa")

@@ -1,6 +1,6 @@
 """Preprocessing throughput: the Ray pipeline vs a single-process implementation of the reference steps.
 
-Input: synthetic M3D series of 120 PNG slices of 512x512 (the size research/m3d.md and DESIGN.md section 10 quote).
+Input: synthetic M3D series of 120 PNG slices of 512x512 (the size of M3D-Cap's slices).
 Output shape: the `m3d` preset (32x256x256). Baseline: PIL decode, /255, min-max, MONAI CropForeground and Resize
 (trilinear) in float32, one process (M3D's steps). Prints a table with volumes/s per core and the ratio.
 
@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pipelines.common  # noqa: E402,F401
+from med3dvlm.runtime import apply_env_defaults  # noqa: E402
+
+apply_env_defaults()
 
 
 def make_series(root: Path, n: int) -> list[Path]:
@@ -58,8 +60,8 @@ def main():
     from med3dvlm.config import load_config
     from med3dvlm.data.transform import preprocess_volume
     from med3dvlm.io import read_slice_folder
-    from pipelines.common import init_ray
-    from pipelines.preprocess import preprocess
+    from med3dvlm.data.preprocess import preprocess
+    from med3dvlm.runtime import init_ray
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -74,7 +74,7 @@ def main():
     from ray import serve
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from pipelines.common import init_ray
+    from med3dvlm.runtime import init_ray
     from serve.app import build_app
     from uploads import nifti_bytes, volume
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
 
 from med3dvlm.config import load_config  # noqa: E402
-from pipelines.common import init_ray  # noqa: E402
+from med3dvlm.runtime import init_ray  # noqa: E402
 
 CONFIGS = {
     "tiny": ("tiny", []),
@@ -36,8 +36,8 @@ def main():
     p.add_argument("--cases", type=int, default=24)
     a = p.parse_args()
     from med3dvlm.data.synthetic import write_m3d_tree
-    from pipelines.preprocess import preprocess
-    from pipelines.train import train
+    from med3dvlm.data.preprocess import preprocess
+    from med3dvlm.train.driver import train
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     write_m3d_tree(work / "raw", cases=a.cases, seed=0)

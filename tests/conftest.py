@@ -7,7 +7,9 @@ import uuid
 
 import pytest
 
-import pipelines.common  # noqa: F401  (sets the offline / quiet environment defaults)
+from med3dvlm.runtime import apply_env_defaults
+
+apply_env_defaults()  # offline HF, quiet Ray, NLTK data: as every entry point
 
 
 def free_port() -> int:
@@ -56,7 +58,7 @@ def bucket(s3_server):
 def ray_session():
     import ray
 
-    from pipelines.common import init_ray
+    from med3dvlm.runtime import init_ray
 
     init_ray(num_cpus=4)
     yield ray
@@ -77,7 +79,7 @@ def synthetic_m3d(tmp_path_factory):
 def shards(ray_session, synthetic_m3d, tmp_path_factory):
     """The synthetic tree preprocessed at the tiny config."""
     from med3dvlm.config import load_config
-    from pipelines.preprocess import preprocess
+    from med3dvlm.data.preprocess import preprocess
 
     raw, _ = synthetic_m3d
     out = tmp_path_factory.mktemp("shards")
@@ -99,7 +101,7 @@ def cfg_for(*extra):
 @pytest.fixture(scope="session")
 def chain(shards, tmp_path_factory):
     """Stages 1 -> 2 -> 3 under ZeRO-2, each from the previous export (shared by training, evaluation and serving tests)."""
-    from pipelines.train import train
+    from med3dvlm.train.driver import train
 
     out = tmp_path_factory.mktemp("ckpt")
     cfg = cfg_for()
@@ -107,3 +109,13 @@ def chain(shards, tmp_path_factory):
     r2 = train(cfg, 2, str(shards[0]), str(out), r1["export"], log=lambda *_: None)
     r3 = train(cfg, 3, str(shards[0]), str(out), r2["export"], log=lambda *_: None)
     return cfg, r1, r2, r3
+
+
+# `make test-fast` runs the tests that need no Ray (`-m "not ray"`): a test is marked by the fixtures it uses.
+RAY_FIXTURES = {"ray_session", "shards", "chain", "served", "cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)

@@ -144,7 +144,8 @@ def test_generator_keeps_a_failing_sample_as_an_error(chain, shards):
 
 # ----------------------------------------------------------------------------------------------- pipeline
 def _eval(task, model, shards, out, *extra):
-    from pipelines.evaluate import evaluate, parse_args
+    from med3dvlm.eval.runner import evaluate
+    from pipelines.evaluate import parse_args
 
     return evaluate(parse_args(["--task", task, "--model", model, "--shards", shards, "--out", str(out), *extra]),
                     log=lambda *_: None)
@@ -177,7 +178,7 @@ def test_evaluate_closed_vqa_scores_every_test_question(chain, shards, tmp_path)
     assert res["n"] == res["metrics"]["n"] == len(questions) > 0
     rows = list(csv.DictReader(open(tmp_path / "samples.csv")))
     assert sorted(r["question"] for r in rows) == sorted(
-        __import__("med3dvlm.data.samples", fromlist=["closed_prompt"]).closed_prompt(q)[0] for q in questions)
+        __import__("med3dvlm.models.prompt", fromlist=["closed_prompt"]).closed_prompt(q)[0] for q in questions)
     assert set(res["metrics"]["lenient"]["per_type"]) <= {"Plane", "Phase", "Organ", "Abnormality", "Location"}
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["metrics"]["lenient"]["mean"] == pytest.approx(
@@ -201,11 +202,11 @@ def test_evaluate_report_resumes_without_redoing_samples(chain, shards, tmp_path
 
 
 def test_evaluate_refuses_bad_input_before_starting(chain, shards, tmp_path):
-    from pipelines.common import UserError
+    from med3dvlm.runtime import UserError
 
-    with pytest.raises(UserError, match="needs stage 1's export"):
+    with pytest.raises(UserError, match="expected stage 1's export"):
         _eval("retrieval", chain[3]["export"], str(shards[0]), tmp_path)
-    with pytest.raises(UserError, match="needs stage 2 or 3's export"):
+    with pytest.raises(UserError, match="expected a stage-2/3 export"):
         _eval("vqa-open", chain[1]["export"], str(shards[0]), tmp_path)
     with pytest.raises(UserError, match="no 'holdout' rows"):
         _eval("report", chain[3]["export"], str(shards[0]), tmp_path, "--split", "holdout")

@@ -11,8 +11,9 @@ from med3dvlm.data.shards import read_shards, read_table, volumes_from_table
 from med3dvlm.data.synthetic import BAD_INPUTS
 from med3dvlm.data.transform import preprocess_volume
 from med3dvlm.io import read_volume
-from pipelines.common import UserError
-from pipelines.preprocess import main, preprocess
+from med3dvlm.data.preprocess import preprocess
+from med3dvlm.runtime import UserError
+from pipelines.preprocess import main
 
 PLANTED = {  # planted input -> words its quarantine reason must contain
     "Axial_truncated": "3.png: cannot decode image", "Axial_zero_byte": "4.png: empty file",

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from conftest import free_port, new_bucket
-from uploads import bad_uploads, good_uploads, nifti_bytes, npy_bytes, volume
+from uploads import bad_uploads, good_uploads, hostile_uploads, mutated, nifti_bytes, npy_bytes, png_zip, volume
 
 TOKEN = "s3cret-token"
 
@@ -142,6 +142,65 @@ def test_200_concurrent_mixed_requests_without_a_5xx(served, shards):
     assert not [c for c in codes if c >= 500], codes
     assert codes.count(200) == 160 and all(c == 400 for i, c in enumerate(codes) if i % 5 == 2)
     assert time.time() - t < 600
+
+
+@pytest.mark.parametrize("name", sorted(hostile_uploads()))
+def test_hostile_uploads_get_a_4xx_naming_the_file(served, name):
+    data, words = hostile_uploads()[name]
+    r = post(served, "/v1/upload", files={"file": (name, data)})
+    assert r.status_code == 400 and words in r.json()["detail"] and name in r.json()["detail"], r.text
+
+
+def test_mutated_uploads_over_http_are_200_or_4xx(served, tmp_path):
+    rng = np.random.default_rng(15)
+    seeds = [nifti_bytes(volume((6, 16, 16)), gz=False), npy_bytes(volume((6, 16, 16))), png_zip(volume((4, 16, 16)))]
+
+    def one(i):
+        r = post(served, "/v1/upload", files={"file": (f"m{i}.bin", mutated(seeds[i % len(seeds)], rng))})
+        return r.status_code
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        codes = list(ex.map(one, range(60)))
+    assert all(c == 200 or 400 <= c < 500 for c in codes), codes
+    assert requests.get(served + "/healthz", timeout=30).status_code == 200
+
+
+def test_parameters_beyond_the_model_are_refused_up_front(served):
+    vid = post(served, "/v1/upload", files={"file": ("s.npy", npy_bytes(volume()))}).json()["volume_id"]
+    r = post(served, "/v1/report", data={"volume_id": vid, "temperature": 1e-40})
+    assert r.status_code == 422 and "temperature" in r.json()["detail"]
+    long_q = "Which organ shows the lesion in this study " * 40  # < 2000 characters, > the tiny model's 96 tokens
+    assert len(long_q) <= 2000
+    r = post(served, "/v1/vqa", data={"volume_id": vid, "question": long_q})
+    assert r.status_code == 422 and "exceeds max_len" in r.json()["detail"], r.text
+    r = post(served, "/v1/vqa", data={"volume_id": vid, "question": "Which?", "choice_a": "x" * 501, "choice_b": "y"})
+    assert r.status_code == 422, r.text
+    r = post(served, "/v1/report", data={"volume_id": vid, "max_new_tokens": 4},
+             headers={"Authorization": f"bearer {TOKEN}"})  # RFC 7235: the scheme is case-insensitive
+    assert r.status_code == 200, r.text
+
+
+def test_one_bad_request_never_fails_its_batch_neighbours(served):
+    from ray import serve
+
+    gen = serve.get_deployment_handle("Generator", app_name="med")
+    enc = serve.get_deployment_handle("Encoder", app_name="med")
+    tokens = enc.encode.remote(np.zeros((32, 64, 64), np.uint8)).result()
+    good = {"tokens": tokens, "prompt": " Which organ?", "max_new_tokens": 3, "temperature": 0.0, "top_p": 1.0}
+    bad = {**good, "prompt": " lesion" * 200}  # too long for the model: fails inside the batch
+    results = [r.result() for r in [gen.generate.remote(bad if i % 3 == 0 else good) for i in range(12)]]
+    assert all(isinstance(r, dict) and "max_len" in r["error"] for r in results[::3])
+    assert all(isinstance(r, str) for i, r in enumerate(results) if i % 3)
+    # over HTTP too: ordinary requests sent beside refused ones all succeed
+    vid = post(served, "/v1/upload", files={"file": ("s.npy", npy_bytes(volume(seed=2)))}).json()["volume_id"]
+
+    def one(i):
+        q = "Which organ shows the lesion " * 60 if i % 3 == 0 else "Which organ?"
+        return i, post(served, "/v1/vqa", data={"volume_id": vid, "question": q, "max_new_tokens": 3}).status_code
+
+    with cf.ThreadPoolExecutor(12) as ex:
+        codes = dict(ex.map(one, range(24)))
+    assert all(c == 422 for i, c in codes.items() if i % 3 == 0) and all(c == 200 for i, c in codes.items() if i % 3)
 
 
 def test_batched_encoder_equals_unbatched(served):

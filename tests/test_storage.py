@@ -120,9 +120,10 @@ def test_pipelines_read_and_write_a_bucket(shards, synthetic_m3d, bucket, tmp_pa
     from conftest import cfg_for
     from med3dvlm.data.shards import read_table
     from med3dvlm.models.vlm import VLM
-    from pipelines.evaluate import evaluate, parse_args
-    from pipelines.preprocess import preprocess
-    from pipelines.train import train
+    from med3dvlm.eval.runner import evaluate
+    from pipelines.evaluate import parse_args
+    from med3dvlm.data.preprocess import preprocess
+    from med3dvlm.train.driver import train
 
     monkeypatch.setenv("MED3DVLM_CACHE", str(tmp_path / "cache"))
     local_shards, local_manifest, cfg = shards
@@ -179,7 +180,7 @@ def _listing(fs_path: str) -> list[str]:
 def test_preprocess_reads_raw_data_from_a_bucket(shards, synthetic_m3d, bucket, tmp_path):
     """The M3D tree (with its planted bad inputs) in a bucket: the same rows, volumes and quarantine as from disk."""
     from med3dvlm.data.shards import read_table, volumes_from_table
-    from pipelines.preprocess import preprocess
+    from med3dvlm.data.preprocess import preprocess
 
     local_shards, local_manifest, cfg = shards
     raw, _ = synthetic_m3d

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from med3dvlm.config import load_config
-from pipelines.common import UserError
-from pipelines.train import train
+from med3dvlm.runtime import UserError
+from med3dvlm.train.driver import train
 
 from conftest import cfg_for
 

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from med3dvlm.config import load_config
-from pipelines.common import UserError
+from med3dvlm.runtime import UserError
 from tuning.siglip_sweep import parse_args, sweep
 
 BUDGET = ["--steps", "8", "--eval-every", "2", "--search", "grid", "--learn-t", "false", "--learn-b", "false",
@@ -39,7 +39,7 @@ def test_sweep_asha_best_config_and_resume(shards, tmp_path):
     best = load_config(str(tmp_path / "best.yaml"))
     assert best.model.loss.t_init == pytest.approx(s["best"]["t_init"]) and best.train.eval_every == 0
     assert (tmp_path / "best-stage1" / "model.safetensors").is_file()
-    from pipelines.train import train
+    from med3dvlm.train.driver import train
 
     r = train(load_config(str(tmp_path / "best.yaml"), ["train.stage1.max_steps=2", "train.stage1.batch_size=4"]),
               1, str(shards[0]), str(tmp_path / "retrain"), log=lambda *_: None)

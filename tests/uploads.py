@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import struct
 import zipfile
 
 import numpy as np
@@ -87,3 +88,71 @@ def bad_uploads() -> dict:
         "bomb.zip": (bomb.getvalue(), "zip bomb"),
         "traversal.zip": (evil.getvalue(), "unsafe path"),
     }
+
+
+# ------------------------------------------------------------------------------------------------ hostile uploads
+def zip_of(members: dict, method=zipfile.ZIP_STORED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def png(arr: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(arr).save(b, format="PNG")
+    return b.getvalue()
+
+
+def _nifti_offset(value: float) -> bytes:
+    b = bytearray(nifti_bytes(volume((4, 10, 12)), gz=False))
+    b[108:112] = struct.pack("<f", value)  # vox_offset
+    return bytes(b)
+
+
+def _bad_crc() -> bytes:
+    b = bytearray(zip_of({"s/0.png": png(np.zeros((8, 8), np.uint8)), "s/1.png": png(np.ones((8, 8), np.uint8))}))
+    i = b.index(b"\x89PNG")
+    b[i + 20] ^= 0xFF  # the stored data no longer matches its CRC
+    return bytes(b)
+
+
+def _method(method: int) -> bytes:
+    b = bytearray(zip_of({"s/0.png": png(np.zeros((8, 8), np.uint8)), "s/1.png": png(np.ones((8, 8), np.uint8))}))
+    for sig in (b"PK\x03\x04", b"PK\x01\x02"):  # local and central headers: an unsupported compression method
+        i = 0
+        while (i := b.find(sig, i)) >= 0:
+            off = 8 if sig == b"PK\x03\x04" else 10
+            b[i + off:i + off + 2] = struct.pack("<H", method)
+            i += 4
+    return bytes(b)
+
+
+def hostile_uploads() -> dict:
+    """name -> (bytes, words the refusal must contain): parser failures that once reached clients as a 500."""
+    p8, p16 = png(np.full((8, 8), 7, np.uint8)), png(np.full((8, 8), 300, np.uint16))
+    return {
+        "inf_offset": (_nifti_offset(float("inf")), "offset"), "nan_offset": (_nifti_offset(float("nan")), "offset"),
+        "bad_crc": (_bad_crc(), "cannot be read"), "method_99": (_method(99), "cannot be read"),
+        "corrupt_local_header": (zip_of({"s/0.png": p8, "s/1.png": p8}).replace(b"PK\x03\x04", b"PK\x03\x05", 1), "zip"),
+        "long_name": (zip_of({"x" * 300 + ".png": p8, "1.png": p8}), "slice name"),
+        "dot_name": (zip_of({".": p8, "1.png": p8}), "not an image slice"),
+        "double_minus": (zip_of({"--1.png": p8, "2.png": p8}), "not an integer"),
+        "superscript": (zip_of({"\u00b9.png": p8, "2.png": p8}), "not an integer"),
+        "complex_npy": (npy_bytes(np.ones((3, 4, 5), np.complex64)), "complex"),
+        "duplicate_slices": (zip_of({"a/0.png": p8, "a/1.png": p8, "b/0.png": p8, "b/1.png": p8}), "both slice"),
+        "mixed_depth": (zip_of({"0.png": p8, "1.png": p16, "2.png": p8}), "mixes 8-bit and 16-bit"),
+    }
+
+
+def mutated(data: bytes, rng) -> bytes:
+    """`data` with a few random byte flips, extreme header words and a possible truncation."""
+    b = bytearray(data)
+    for _ in range(int(rng.integers(1, 5))):
+        i = int(rng.integers(0, len(b)))
+        if rng.random() < 0.5:
+            b[i] ^= 1 << int(rng.integers(0, 8))
+        else:
+            b[i:i + 4] = struct.pack("<i", int(rng.choice([2**31 - 1, -2**31, 0, -1])))
+    return bytes(b[: int(rng.integers(len(b) // 2, len(b) + 1))] if rng.random() < 0.3 else b)

@@ -4,7 +4,7 @@
         [--t-init LO,HI] [--b-init LO,HI] [--learn-t both|true|false] [--learn-b both|true|false]
         [--steps 60] [--eval-every 10] [--subset 0] [--metric val_R@1] [--resume] [key=value ...]
 
-Each trial is a Tune function trainable that runs `pipelines.train.train(stage=1)` (the same TorchTrainer, DeepSpeed
+Each trial is a Tune function trainable that runs `med3dvlm.train.driver.train(stage=1)` (the same TorchTrainer, DeepSpeed
 and Ray Data path as `pipelines.train --stage 1`) on a fixed step budget, reporting validation loss and retrieval R@1
 (both directions; `val_R@1` is their mean) every `--eval-every` steps, so ASHA stops weak trials early.
 `--t-init` is the range of t' = log t (default log 1 .. log 100, around SigLIP's log 10); `--b-init` the bias range.
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from med3dvlm import storage
-from pipelines.common import UserError, config_from_args, init_ray, run_main
+from med3dvlm.runtime import UserError, init_ray, run_cli, user_config
 
 SWEEP_NAME = "siglip-sweep"
 
@@ -114,7 +114,7 @@ def run_trial(config: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.train import train
+    from med3dvlm.train.driver import train
 
     s = config["sweep"]
     cfg = trial_config(s["base"], config, s["steps"], s["eval_every"], s["subset"])
@@ -137,11 +137,10 @@ def max_concurrent(cfg, cluster: dict) -> int:
 
 
 def check_shards(cfg, shards: str) -> None:
-    from med3dvlm.data.shards import list_shards
-    from pipelines.train import count_validation
+    from med3dvlm.train.datasets import count_validation
+    from med3dvlm.train.driver import check_shards as check_training_shards
 
-    if not list_shards(shards):
-        raise UserError(f"--shards {shards}: no shards there (volumes/part-*.parquet); run pipelines.preprocess")
+    check_training_shards(cfg, shards)
     if count_validation(cfg, shards) < 2:
         raise UserError(f"--shards {shards}: fewer than 2 '{cfg.train.validation_split}' rows in field "
                         f"'{cfg.train.split_field}': the sweep needs a validation split to score trials")
@@ -152,7 +151,7 @@ def sweep(a, log=print) -> dict:
     from ray.tune.schedulers import ASHAScheduler
 
     started = time.time()
-    cfg = config_from_args(a)
+    cfg = user_config(a.config, a.overrides)
     check_shards(cfg, a.shards)
     out = storage.absolute(a.out)
     init_ray()
@@ -197,6 +196,7 @@ def sweep(a, log=print) -> dict:
 def summarize(a, cfg, results, out: str, local: Path, started: float, log) -> dict:
     """Tables, plot, best.yaml and summary.json into `local` (a staging folder for `out`); best-stage1 into `out`."""
     from med3dvlm.config import save_config
+    from med3dvlm.plots import plot_sweep
 
     mode = "max" if a.metric == "val_R@1" else "min"
     rows = []
@@ -235,7 +235,7 @@ def summarize(a, cfg, results, out: str, local: Path, started: float, log) -> di
                   f"{'yes' if r['stopped_early'] else ''} | {fmt(r['final'])} | {fmt(r['best'])} | {fmt(r['final_t'])} | "
                   f"{fmt(r['final_b'])} |")
     (local / "trials.md").write_text("\n".join(md) + "\n")
-    plot(rows, a.metric, local / "sweep.png")
+    plot_sweep(rows, a.metric, local / "sweep.png")
     summary = {"best": {k: best[k] for k in ("t_init", "b_init", "learn_t", "learn_b", "best", "trial")},
                "metric": a.metric, "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
                "errors": sum(bool(r["error"]) for r in rows), "best_config": storage.join(out, "best.yaml"),
@@ -249,31 +249,9 @@ def summarize(a, cfg, results, out: str, local: Path, started: float, log) -> di
     return summary
 
 
-def plot(rows: list[dict], metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    pts = [r for r in rows if r["best"] is not None]
-    sc = ax.scatter([r["t_init"] for r in pts], [r["b_init"] for r in pts], c=[r["best"] for r in pts], s=120,
-                    cmap="viridis", edgecolors=["red" if r["stopped_early"] else "black" for r in pts])
-    for r in pts:
-        ax.annotate(("T" if r["learn_t"] else "t") + ("B" if r["learn_b"] else "b"), (r["t_init"], r["b_init"]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=7)
-    fig.colorbar(sc, ax=ax, label=f"best {metric}")
-    ax.set_xlabel("t' init (log temperature)")
-    ax.set_ylabel("b init")
-    ax.set_title("SigLIP init sweep (red edge: stopped early by ASHA; T/B: learned)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def main(argv=None):
     return sweep(parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_cli(main)

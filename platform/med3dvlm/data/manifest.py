@@ -1,6 +1,6 @@
 """Manifests: which volumes exist, their report, split and questions.
 
-Two layouts (research/m3d.md section 1):
+Two layouts (BAAI-DCAI/M3D's data release):
 - M3D: `M3D_Cap/{ct_case,ct_quizze}/<id>/<Series>/<n>.png` + `<id>/text.txt`, `M3D_Cap.json` and the
   `M3D_VQA_*.csv` files. JSON/CSV entries name `M3D_Cap_npy/.../<Series>.npy` (or `.nii.gz`); they are mapped back to
   the raw series folder, or read as the named file when that exists.
@@ -54,7 +54,22 @@ class Item:
 
 def _text_lines(path) -> io.StringIO:
     """A CSV file's text for csv.DictReader (local Path or RemotePath; newlines inside quoted fields kept)."""
-    return io.StringIO(path.read_bytes().decode("utf-8"), newline="")
+    try:
+        return io.StringIO(path.read_bytes().decode("utf-8"), newline="")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def outside_root(raw, path) -> str | None:
+    """Why `path` (a file or folder a manifest names) is not inside the data root `raw`, or None. Local paths are
+    resolved first, so `..` and symlinks that lead out are caught; a remote path can only name what the listing holds."""
+    if isinstance(raw, Path):
+        root, target = raw.resolve(), Path(path).resolve()
+        inside = target == root or root in target.parents
+    else:
+        rel = getattr(path, "_rel", "")
+        inside = not (rel == ".." or rel.startswith("../") or rel.startswith("/"))
+    return None if inside else f"{path}: outside the data root {raw}; refused"
 
 
 def stable_id(text: str) -> str:
@@ -123,17 +138,28 @@ def _load_cap_json(path: Path) -> dict:
     return data
 
 
-def _m3d_resolve(raw: Path, rel: str) -> Path | None:
-    """`M3D_Cap_npy/<folder>/<id>/<Series>.npy` -> raw series folder, else the named file (or its .nii.gz twin)."""
+def _m3d_resolve(raw: Path, rel: str) -> tuple[Path | None, str | None]:
+    """`M3D_Cap_npy/<folder>/<id>/<Series>.npy` -> raw series folder, else the named file (or its .nii.gz twin);
+    (path, None), or (None, why not): missing, or outside the data root."""
     parts = _strip_ext(rel).split("/")
-    if len(parts) >= 4:
-        folder = raw / "M3D_Cap" / Path(*parts[-3:])
-        if folder.is_dir():
-            return folder
-    for cand in (raw / rel, raw / (_strip_ext(rel) + ".nii.gz"), raw / (_strip_ext(rel) + ".npy")):
-        if cand.exists():
-            return cand
-    return None
+    folder = raw / "M3D_Cap" / Path(*parts[-3:]) if len(parts) >= 4 else None
+    if folder is not None and folder.is_dir():
+        found = folder
+    else:
+        stem = _strip_ext(rel)
+        found = next((c for c in (raw / rel, raw / (stem + ".nii.gz"), raw / (stem + ".npy")) if c.exists()), None)
+    why = found is not None and outside_root(raw, found)
+    return (None, why) if why else (found, None)
+
+
+def read_report_file(path) -> tuple[str, str | None]:
+    """(report, None), or ("", why not): a report must be UTF-8 and hold text."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        return "", f"{path}: report is not valid UTF-8 ({e.reason} at byte {e.start})"
+    report = extract_report(text)
+    return (report, None) if report.strip() else ("", f"{path}: empty report")
 
 
 def _read_report(raw: Path, rel: str, cache: dict) -> tuple[str, str | None]:
@@ -142,9 +168,12 @@ def _read_report(raw: Path, rel: str, cache: dict) -> tuple[str, str | None]:
     cands.append(raw / rel)
     for c in cands:
         if c.is_file():
+            out = outside_root(raw, c)
+            if out:
+                return "", out
             if c not in cache:
-                cache[c] = extract_report(c.read_text(errors="replace"))
-            return cache[c], None
+                cache[c] = read_report_file(c)
+            return cache[c]
     return "", f"case has no text.txt (looked for {cands[0]})"
 
 
@@ -161,10 +190,10 @@ def _m3d_items(raw: Path) -> list[Item]:
                     continue
                 parts = key.split("/")
                 case_id = "/".join(parts[-3:-1]) if len(parts) >= 3 else parts[0]
-                source = _m3d_resolve(raw, e["image"])
+                source, why = _m3d_resolve(raw, e["image"])
                 it = Item(stable_id(key), case_id, parts[-1], split, str(source or raw / e["image"]), key)
                 if source is None:
-                    it.error = f"{raw / e['image']}: image does not exist (listed in M3D_Cap.json '{split}')"
+                    it.error = why or f"{raw / e['image']}: image does not exist (listed in M3D_Cap.json '{split}')"
                 else:
                     it.report, err = _read_report(raw, e["text"], cache)
                     it.error = f"{source}: {err}" if err else None
@@ -180,7 +209,7 @@ def _m3d_items(raw: Path) -> list[Item]:
                         continue
                     it = Item(stable_id(key), f"{group.name}/{case.name}", series.name, "", str(series), key)
                     it.report, err = _read_report(raw, f"M3D_Cap_npy/{group.name}/{case.name}/text.txt", cache)
-                    it.error = f"{series}: {err}" if err else None
+                    it.error = outside_root(raw, series) or (f"{series}: {err}" if err else None)
                     items[key] = it
     return list(items.values())
 
@@ -211,7 +240,9 @@ def _generic_items(raw: Path) -> list[Item]:
         src = raw / key
         case_id = str(r.get("case_id") or Path(key).parent.as_posix() or key)
         it = Item(stable_id(key), case_id, Path(_strip_ext(key)).name, str(r.get("split") or ""), str(src), key, str(r["report"] or ""))
-        if not src.exists():
+        if outside_root(raw, src):
+            it.error = f"{outside_root(raw, src)} ({path.name} row {i + 1})"
+        elif not src.exists():
             it.error = f"{src}: image does not exist ({path.name} row {i + 1})"
         elif not it.report.strip():
             it.error = f"{src}: empty report ({path.name} row {i + 1})"
@@ -219,7 +250,27 @@ def _generic_items(raw: Path) -> list[Item]:
     return items
 
 
+def qa_entry(row: dict, qsplit: str) -> tuple[dict | None, str | None]:
+    """One VQA CSV row -> (question, None), or (None, why it is refused): a missing field (a short row), a Question
+    Type that is not one of M3D's 1-5."""
+    absent = [c for c in VQA_COLUMNS if row.get(c) is None]
+    if absent or None in row:
+        return None, f"{len(row) - (None in row)} fields where {len(VQA_COLUMNS)} are expected" + \
+            (f" (missing {', '.join(absent)})" if absent else " (extra fields)")
+    try:
+        qtype = int(row["Question Type"])
+    except ValueError:
+        return None, f"Question Type {row['Question Type']!r} is not an integer"
+    if qtype not in QUESTION_TYPES:
+        return None, f"Question Type {qtype} is not one of {min(QUESTION_TYPES)}-{max(QUESTION_TYPES)}"
+    return {"question_type": qtype, "question": row["Question"],
+            "choice_a": row["Choice A"], "choice_b": row["Choice B"], "choice_c": row["Choice C"],
+            "choice_d": row["Choice D"], "answer": row["Answer"], "answer_choice": row["Answer Choice"],
+            "split": qsplit, "yes_no": qsplit == "yn_train"}, None
+
+
 def _attach_vqa(raw: Path, items: list[Item]) -> list[dict]:
+    """Each CSV row becomes a question of its volume, or a quarantine entry with its reason (never both, never lost)."""
     by_key = {_strip_ext(it.key): it for it in items}
     quarantine = []
     for name, qsplit in VQA_FILES.items():
@@ -227,28 +278,16 @@ def _attach_vqa(raw: Path, items: list[Item]) -> list[dict]:
         if not path.is_file():
             continue
         reader = csv.DictReader(_text_lines(path))
-        cols = reader.fieldnames or []
-        missing = [c for c in VQA_COLUMNS if c not in cols]
+        missing = [c for c in VQA_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
         for line, row in enumerate(reader, start=2):
-            it = by_key.get(_strip_ext(row["Image Path"]))
-            if it is None:
-                quarantine.append({"input": f"{path}:{line}", "reason": f"{raw / row['Image Path']}: image does not exist ({name} line {line})"})
+            q, why = qa_entry(row, qsplit)
+            it = by_key.get(_strip_ext(str(row.get("Image Path") or "")))
+            if q is not None and it is None:
+                why = f"{raw / str(row['Image Path'])}: image does not exist"
+            if why:
+                quarantine.append({"input": f"{path}:{line}", "reason": f"{name} line {line}: {why}"})
                 continue
-            try:
-                qtype = int(row["Question Type"])
-            except ValueError:
-                quarantine.append({"input": f"{path}:{line}", "reason": f"{name} line {line}: Question Type {row['Question Type']!r} is not an integer"})
-                continue
-            it.qa.append({
-                "question_type": qtype,
-                "question": row["Question"],
-                "choice_a": row["Choice A"], "choice_b": row["Choice B"],
-                "choice_c": row["Choice C"], "choice_d": row["Choice D"],
-                "answer": row["Answer"],
-                "answer_choice": row["Answer Choice"],
-                "split": qsplit,
-                "yes_no": qsplit == "yn_train",
-            })
+            it.qa.append(q)
     return quarantine

@@ -1,6 +1,6 @@
 """Training samples from shard rows, as Ray Data transforms (so augmentation and tokenisation run off the trainer).
 
-- `augment`: the reference augmentation (research/m3d.md 2.3) on uint8/float16 volumes: rot90 in H-W (p 0.5),
+- `augment`: the reference (M3D) augmentation on uint8/float16 volumes: rot90 in H-W (p 0.5),
   flips per axis (p 0.1), intensity scale and shift +-0.1 (p 0.5 each). Output float16 in [0,1]-ish.
 - Stage 1: volume + report, the report shortened by whole sentences to the text encoder's limit.
 - Stages 2/3: one row per task: a report (caption), each question closed (choices A-D) and open, and in stage 3
@@ -10,44 +10,12 @@
 from __future__ import annotations
 
 import re
-import zlib
-from functools import lru_cache
 
 import numpy as np
 
-REPORT_PROMPTS = [
-    "Describe the findings of this CT scan.",
-    "Write a radiology report for this image.",
-    "What are the findings in this scan?",
-    "Please summarise the findings of this CT volume.",
-    "Generate the findings section of the report.",
-    "What do you see in this medical image?",
-    "Report the findings of this examination.",
-    "Give a concise report of this CT.",
-    "Describe this volume as a radiologist would.",
-    "What abnormalities, if any, are visible?",
-    "Summarise what this scan shows.",
-    "Provide the findings for this study.",
-    "Write the findings you observe in this image.",
-    "Can you describe the findings of this scan?",
-    "Please write a report for this CT examination.",
-    "What does this CT volume show?",
-    "List the findings of this image.",
-    "Draft a findings paragraph for this scan.",
-    "Interpret this CT and describe the findings.",
-    "Describe the relevant anatomy and any lesion.",
-    "What is your report for this image?",
-    "Explain the findings in this medical volume.",
-    "Write a short findings report.",
-    "Please describe what is seen on this CT.",
-    "Give the radiological findings for this volume.",
-    "Report on this scan.",
-    "What are the imaging findings?",
-    "Describe any abnormality in this study.",
-    "Please provide a report of the findings.",
-    "How would you report this CT scan?",
-]
-LETTERS = "ABCD"
+from med3dvlm.data.transform import to_float
+from med3dvlm.models.clip import text_tokenizer
+from med3dvlm.models.prompt import closed_prompt, encode_example, keyed_rng, open_prompt, report_prompt, vlm_tokenizer
 
 
 def shorten_report(text: str, n_tokens, max_tokens: int) -> str:
@@ -62,10 +30,6 @@ def shorten_report(text: str, n_tokens, max_tokens: int) -> str:
     return " ".join(out)
 
 
-def _rng(key: str, seed: int) -> np.random.Generator:
-    return np.random.default_rng([zlib.crc32(key.encode()), seed])
-
-
 def augment(batch: dict, seed: int | None = None) -> dict:
     """Reference augmentation on a numpy batch with a `volume` column (N, D, H, W).
 
@@ -73,8 +37,8 @@ def augment(batch: dict, seed: int | None = None) -> dict:
     deterministic per volume (tests)."""
     out = []
     for vid, vol in zip(batch["volume_id"], batch["volume"]):
-        rng = _rng(str(vid), seed) if seed is not None else np.random.default_rng()
-        v = vol.astype(np.float32) / (255.0 if vol.dtype == np.uint8 else 1.0)
+        rng = keyed_rng(str(vid), seed) if seed is not None else np.random.default_rng()
+        v = to_float(vol).numpy()
         if rng.random() < 0.5:
             v = np.rot90(v, k=int(rng.integers(1, 4)), axes=(1, 2))
         for axis in range(3):
@@ -90,33 +54,13 @@ def augment(batch: dict, seed: int | None = None) -> dict:
 
 def as_float(batch: dict) -> dict:
     """No augmentation (evaluation): stored volume -> float16 in [0,1]."""
-    vol = batch["volume"]
-    v = vol.astype(np.float32) / 255.0 if vol.dtype == np.uint8 else vol.astype(np.float32)
-    return {**batch, "volume": v.astype(np.float16)}
-
-
-def question_prompt(question: str, choices: dict[str, str] | None = None) -> str:
-    """The prompt for a question, M3D style " Q Choices: A. .. D. .." when choices (letter -> text) are given."""
-    if not choices:
-        return f" {question}"
-    return f" {question} Choices: " + " ".join(f"{letter}. {text}" for letter, text in choices.items())
-
-
-def closed_prompt(q: dict) -> tuple[str, str]:
-    """"NA" is a real option text in M3D-VQA and stays; only a missing choice is left out."""
-    choices = {l: q["choice_" + l.lower()] for l in LETTERS if q["choice_" + l.lower()] not in ("", None)}
-    return question_prompt(q["question"], choices), f" {q['answer_choice']}. {q['answer']}"
-
-
-def open_prompt(q: dict) -> tuple[str, str]:
-    return question_prompt(q["question"]), f" {q['answer']}"
+    return {**batch, "volume": to_float(batch["volume"]).numpy().astype(np.float16)}
 
 
 def task_rows(row: dict, stage: int, qa_splits: tuple[str, ...], seed: int = 0) -> list[dict]:
     """One shard row -> its stage-2/3 samples (prompt, answer, task)."""
     base = {"volume": row["volume"], "volume_id": row["volume_id"]}
-    rng = _rng(str(row["volume_id"]), seed)
-    rows = [{**base, "prompt": REPORT_PROMPTS[int(rng.integers(len(REPORT_PROMPTS)))], "answer": " " + row["report"], "task": "report"}]
+    rows = [{**base, "prompt": report_prompt(row["volume_id"], seed), "answer": " " + row["report"], "task": "report"}]
     for q in row["qa"] if row["qa"] is not None else []:
         if q["yes_no"]:
             if stage == 3 and "yn_train" in qa_splits:
@@ -131,31 +75,6 @@ def task_rows(row: dict, stage: int, qa_splits: tuple[str, ...], seed: int = 0) 
     return rows
 
 
-@lru_cache(maxsize=4)
-def text_tokenizer(name: str):
-    from med3dvlm.models.clip import load_tokenizer
-
-    return load_tokenizer(name)
-
-
-@lru_cache(maxsize=4)
-def llm_tokenizer(name: str):
-    from med3dvlm.models.vlm import vlm_tokenizer_for
-
-    return vlm_tokenizer_for(name)
-
-
-def encode_example(tok, image_token_id: int, n_image: int, max_len: int, prompt: str, answer: str | None):
-    """(input_ids, labels): placeholders + prompt (masked) + answer + EOS (learned); a cut answer gets no EOS."""
-    head = [image_token_id] * n_image + tok(prompt, add_special_tokens=False)["input_ids"]
-    if len(head) >= max_len:
-        raise ValueError(f"prompt of {len(head)} tokens (image tokens included) exceeds max_len {max_len}")
-    if answer is None:
-        return head, [-100] * len(head)
-    ans = (tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[: max_len - len(head)]
-    return head + ans, [-100] * len(head) + ans
-
-
 def tokenize_reports(batch: dict, text_encoder: str, max_len: int) -> dict:
     """Stage 1: reports -> fixed-length input_ids / attention_mask (whole sentences kept)."""
     tok = text_tokenizer(text_encoder)
@@ -168,15 +87,12 @@ def tokenize_reports(batch: dict, text_encoder: str, max_len: int) -> dict:
 
 def tokenize_tasks(batch: dict, llm: str, n_image: int, max_len: int) -> dict:
     """Stages 2/3: (prompt, answer) -> right-padded input_ids / attention_mask / labels of length max_len."""
-    from med3dvlm.models.vlm import IMAGE_TOKEN
-
-    tok = llm_tokenizer(llm)
-    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    tok = vlm_tokenizer(llm)
     n = len(batch["prompt"])
     ids = np.full((n, max_len), tok.pad_token_id, np.int64)
     labels = np.full((n, max_len), -100, np.int64)
     att = np.zeros((n, max_len), np.int64)
     for i, (p, a) in enumerate(zip(batch["prompt"], batch["answer"])):
-        x, y = encode_example(tok, image_id, n_image, max_len, str(p), str(a))
+        x, y = encode_example(tok, n_image, max_len, str(p), str(a))
         ids[i, :len(x)], labels[i, :len(y)], att[i, :len(x)] = x, y, 1
     return {"volume": batch["volume"], "input_ids": ids, "attention_mask": att, "labels": labels}

@@ -1,4 +1,4 @@
-"""Parquet shards: one row per volume, the volume as a Ray/Arrow tensor column (DESIGN.md section 3).
+"""Parquet shards: one row per volume, the volume as a Ray/Arrow tensor column (README, "Shards").
 
 `process_shard` runs inside a Ray task: read + transform each volume of one shard, write `volumes/part-NNNNN.parquet`
 in row groups, and record what it did in `_state/part-NNNNN.json`. A re-run with the same inputs finds that record
@@ -39,17 +39,6 @@ def shard_schema(shape, dtype: str):
     ])
 
 
-def input_fingerprint(source: str) -> list:
-    """(name, size, mtime_ns) of the input file or of every file in the series folder."""
-    if not storage.is_local(source):
-        return storage.fingerprint(source)
-    p = Path(source)
-    if p.is_dir():
-        return [(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in sorted(os.scandir(p), key=lambda e: e.name)]
-    st = p.stat()
-    return [(p.name, st.st_size, st.st_mtime_ns)]
-
-
 def _table(rows: list[dict], schema):
     import pyarrow as pa
     from ray.data._internal.tensor_extensions.arrow import ArrowTensorArray
@@ -66,74 +55,86 @@ def _table(rows: list[dict], schema):
 def process_shard(spec: dict) -> dict:
     """Read, transform and write one shard. `spec`: index, out (path or URI), items (dicts), data (DataConfig as dict),
     spec_hash. The shard is written to a local file first and then moved or uploaded whole."""
+    import resource
     import tempfile
 
-    import pyarrow.parquet as pq
-
-    out = spec["out"]
-    name = f"part-{spec['index']:05d}"
+    out, name = spec["out"], f"part-{spec['index']:05d}"
     path = storage.join(out, "volumes", f"{name}.parquet")
     state = storage.join(out, "_state", f"{name}.json")
-    items, data = spec["items"], spec["data"]
-    fp = hashlib.sha256()
-    for it in items:
-        try:
-            fp.update(json.dumps([it["volume_id"], input_fingerprint(it["source"])]).encode())
-        except OSError as e:
-            fp.update(f"{it['volume_id']}:missing:{e}".encode())
-    input_fp = fp.hexdigest()
+    input_fp = _input_fingerprint(spec["items"])
     if storage.is_file(state) and storage.is_file(path):
         done = storage.read_json(state)
-        if done.get("spec_hash") == spec["spec_hash"] and done.get("input_fp") == input_fp and done.get("sha256") == storage.sha256(path):
+        if done.get("spec_hash") == spec["spec_hash"] and done.get("input_fp") == input_fp and \
+                done.get("sha256") == storage.sha256(path):
             return {**done, "skipped": True}
-
-    shape, dtype = tuple(data["shape"]), data["dtype"]
-    schema = shard_schema(shape, dtype)
     local_dir = os.path.dirname(storage.resolve(path)[1]) if storage.is_local(path) else None
     if local_dir:
         os.makedirs(local_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{name}-", suffix=".parquet.tmp")
     os.close(fd)
-    rows, buffer, quarantine = 0, [], []
     try:
-        writer = pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=["split", "case_split", "volume_id"])
-        try:
-            for it in items:
-                try:
-                    with storage.fetched(it["source"], data["max_file_bytes"]) as src:  # a remote input: a local copy
-                        try:
-                            vol = read_volume(src, data["max_file_bytes"])
-                        except VolumeError as e:  # name the input the user gave, not the temporary copy
-                            raise VolumeError(str(e).replace(src, it["source"])) from None
-                    arr = preprocess_volume(vol, shape, dtype, tuple(data["window"]), data["window_mode"])
-                except (VolumeError, storage.FetchError) as e:
-                    quarantine.append({"input": it["key"], "volume_id": it["volume_id"], "reason": str(e)})
-                    continue
-                except Exception as e:  # anything else is still this input's fault: report it, keep going
-                    quarantine.append({"input": it["key"], "volume_id": it["volume_id"], "reason": f"{it['source']}: {type(e).__name__}: {e}"})
-                    continue
-                buffer.append({**{k: it[k] for k in ("volume_id", "case_id", "series", "split", "case_split", "report", "qa", "source")},
-                               "volume": arr, "shape": list(shape)})
-                if len(buffer) == data["row_group_size"]:
-                    writer.write_table(_table(buffer, schema))
-                    rows += len(buffer)
-                    buffer = []
-            if buffer:
-                writer.write_table(_table(buffer, schema))
-                rows += len(buffer)
-        finally:
-            writer.close()
+        rows, quarantine = _write_shard(spec["items"], spec["data"], tmp)
         digest, nbytes = storage.sha256(tmp), os.path.getsize(tmp)
         storage.put_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     done = {"shard": name, "spec_hash": spec["spec_hash"], "input_fp": input_fp, "sha256": digest,
-            "rows": rows, "inputs": len(items), "quarantine": quarantine, "bytes": nbytes}
+            "rows": rows, "inputs": len(spec["items"]), "quarantine": quarantine, "bytes": nbytes}
     storage.write_text(state, json.dumps(done, indent=1, sort_keys=True))
-    import resource
-
     return {**done, "skipped": False, "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _input_fingerprint(items: list[dict]) -> str:
+    """What says a shard's inputs changed: each input's file names, sizes and modification times."""
+    fp = hashlib.sha256()
+    for it in items:
+        try:
+            fp.update(json.dumps([it["volume_id"], storage.fingerprint(it["source"])]).encode())
+        except OSError as e:
+            fp.update(f"{it['volume_id']}:missing:{e}".encode())
+    return fp.hexdigest()
+
+
+def read_item(it: dict, data: dict) -> np.ndarray:
+    """One input -> its preprocessed volume; raises VolumeError or storage.FetchError naming the input."""
+    with storage.fetched(it["source"], data["max_file_bytes"]) as src:  # a remote input: a local copy
+        try:
+            vol = read_volume(src, data["max_file_bytes"])
+        except VolumeError as e:  # name the input the user gave, not the temporary copy
+            raise VolumeError(str(e).replace(src, it["source"])) from None
+    return preprocess_volume(vol, tuple(data["shape"]), data["dtype"], tuple(data["window"]), data["window_mode"])
+
+
+ROW_FIELDS = ("volume_id", "case_id", "series", "split", "case_split", "report", "qa", "source")
+
+
+def _write_shard(items: list[dict], data: dict, tmp: str) -> tuple[int, list[dict]]:
+    """Every item read and written to `tmp` in row groups of `row_group_size`; (rows, quarantine)."""
+    import pyarrow.parquet as pq
+
+    schema = shard_schema(tuple(data["shape"]), data["dtype"])
+    rows, buffer, quarantine = 0, [], []
+    with pq.ParquetWriter(tmp, schema, compression="zstd",
+                          write_statistics=["split", "case_split", "volume_id"]) as writer:
+        for it in items:
+            try:
+                arr = read_item(it, data)
+            except (VolumeError, storage.FetchError) as e:
+                quarantine.append({"input": it["key"], "volume_id": it["volume_id"], "reason": str(e)})
+                continue
+            except Exception as e:  # anything else is still this input's fault: report it, keep going
+                quarantine.append({"input": it["key"], "volume_id": it["volume_id"],
+                                   "reason": f"{it['source']}: {type(e).__name__}: {e}"})
+                continue
+            buffer.append({**{k: it[k] for k in ROW_FIELDS}, "volume": arr, "shape": list(data["shape"])})
+            if len(buffer) == data["row_group_size"]:
+                writer.write_table(_table(buffer, schema))
+                rows, buffer = rows + len(buffer), []
+        if buffer:
+            writer.write_table(_table(buffer, schema))
+            rows += len(buffer)
+    return rows, quarantine
 
 
 def list_shards(out: str | Path) -> list[str]:
@@ -142,10 +143,12 @@ def list_shards(out: str | Path) -> list[str]:
 
 
 def shard_files(out: str | Path) -> list[str]:
-    """`list_shards`, refusing an empty folder."""
+    """`list_shards`, refusing an empty folder (a UserError: the user named the wrong folder)."""
+    from med3dvlm.runtime import UserError
+
     files = list_shards(out)
     if not files:
-        raise FileNotFoundError(f"{out}: no shards (volumes/part-*.parquet); run pipelines.preprocess first")
+        raise UserError(f"--shards {out}: no shards there (volumes/part-*.parquet); run pipelines.preprocess")
     return files
 
 

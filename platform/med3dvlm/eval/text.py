@@ -1,4 +1,4 @@
-"""Per-sample text metrics exactly as M3D-Bench computes them with HF `evaluate` (research/m3d.md 4.2, 4.6), offline.
+"""Per-sample text metrics exactly as M3D-Bench computes them with HF `evaluate` (BAAI-DCAI/M3D `Bench/eval`), offline.
 
 - BLEU-1: 13a tokenisation, clipped unigram precision times the brevity penalty, no smoothing (evaluate's "bleu" with
   max_order=1). An empty prediction (or reference) scores 0.

@@ -1,4 +1,4 @@
-"""Closed-ended VQA scoring (research/m3d.md 4.3)."""
+"""Closed-ended VQA scoring (M3D-Bench's `eval_vqa` rules)."""
 
 from __future__ import annotations
 
@@ -28,14 +28,21 @@ def lowercases(tokenizer) -> bool:
     return tokenizer.decode(tokenizer("B.", add_special_tokens=False)["input_ids"]).strip() != "B."
 
 
+def by_type(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by question type (named as M3D-VQA names them), in type order."""
+    groups: dict = {}
+    for r in sorted(rows, key=lambda r: int(r["question_type"])):
+        t = int(r["question_type"])
+        groups.setdefault(QUESTION_TYPES.get(t, str(t)), []).append(r)
+    return groups
+
+
 def accuracy_by_type(rows: list[dict]) -> dict:
     """Per question type accuracy and the unweighted mean over types, for both rules."""
     out = {}
+    groups = by_type(rows)
     for rule in ("lenient", "strict"):
-        per = {}
-        for t in sorted({r["question_type"] for r in rows}):
-            sel = [r[rule] for r in rows if r["question_type"] == t]
-            per[QUESTION_TYPES.get(t, str(t))] = sum(sel) / len(sel)
+        per = {name: sum(int(r[rule]) for r in sel) / len(sel) for name, sel in groups.items()}
         out[rule] = {"per_type": per, "mean": sum(per.values()) / max(len(per), 1)}
     out["n"] = len(rows)
     return out

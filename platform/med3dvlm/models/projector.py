@@ -1,4 +1,4 @@
-"""Dual-stream MLP-Mixer projector (research/med3dvlm.md 1.3).
+"""Dual-stream MLP-Mixer projector (Med3DVLM, arXiv 2503.20047, section 2.3).
 
 Low stream: the second-to-last encoder stage; high stream: the last stage. Each is a stack of Mixer layers
 (LN, token MLP, LN, channel MLP; no residual, as the reference) ending at `image_tokens / 2` tokens of the LLM width;

@@ -1,9 +1,8 @@
 """The VLM: DCFormer + dual-stream projector + any HF causal LM, image tokens spliced into the input embeddings.
 
-Sequence layout (no chat template, as the reference): `<im_patch>` x N, the prompt, the answer, EOS.
-Splice modes:
+Sequence layout and prompts: `models.prompt`. Splice modes:
 - `exact` (default): the N placeholder embeddings are replaced one-for-one by the N image tokens; no text is lost.
-- `m3d_legacy`: the released Med3DVLM/M3D layout (research/med3dvlm.md 1.4): the first placeholder keeps its own
+- `m3d_legacy`: the released Med3DVLM/M3D layout (mirthAI/Med3DVLM's `prepare_inputs_labels_for_multimodal`): the first placeholder keeps its own
   embedding, the image tokens fill the next N positions, so the first text token is overwritten. Use it only to run
   released weights, which were trained that way.
 Labels: -100 on the placeholders, the prompt and the padding; the answer and its EOS are learned.
@@ -11,7 +10,6 @@ Labels: -100 on the placeholders, the prompt and the padding; the answer and its
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,11 +19,13 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from med3dvlm.config import ModelConfig, config_from_dict
-from med3dvlm.models.clip import _read_meta, load_tokenizer, model_dir
 from med3dvlm.models.dcformer import build_dcformer
+from med3dvlm.models.export import VLM as VLM_KIND
+from med3dvlm.models.export import load_state, model_dir, read_meta, write_meta
 from med3dvlm.models.projector import DualStreamProjector, projector_config_for
+from med3dvlm.models.prompt import IMAGE_TOKEN, encode_example, vlm_tokenizer
 
-IMAGE_TOKEN = "<im_patch>"
+PARTS = ("vision", "llm")  # what `from_pretrained` can load: vision tower + projector, the LLM (+ LoRA), or both
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -58,34 +58,22 @@ def build_llm(cfg: ModelConfig, tokenizer, weights: bool = True, dtype: torch.dt
     return llm
 
 
-def vlm_tokenizer(cfg: ModelConfig):
-    return vlm_tokenizer_for(cfg.llm)
-
-
-def vlm_tokenizer_for(llm: str):
-    """The LLM's tokenizer plus `<im_patch>`; BERT-style vocabularies (tiny) get [SEP] as EOS."""
-    tok = load_tokenizer(llm)
-    if IMAGE_TOKEN not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if tok.eos_token is None:  # BERT-style vocabularies (the tiny config): [SEP] ends an answer
-        tok.eos_token = tok.sep_token
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 class VLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, llm: nn.Module, tokenizer, input_shape: tuple[int, int, int]):
+    """Vision tower + projector + LLM. A serving replica may hold only a part: `llm=None` (the encoder side, which
+    then needs `llm_width`) or `with_vision=False` (the generator side)."""
+
+    def __init__(self, cfg: ModelConfig, llm: nn.Module | None, tokenizer, input_shape: tuple[int, int, int],
+                 data: dict | None = None, with_vision: bool = True, llm_width: int | None = None):
         super().__init__()
         if cfg.splice not in ("exact", "m3d_legacy"):
             raise ValueError(f"splice must be exact or m3d_legacy, not {cfg.splice!r}")
-        self.cfg = cfg
+        self.cfg, self.data = cfg, data
         self.input_shape = tuple(input_shape)
-        self.vision = build_dcformer(cfg.encoder, cfg.stem_act, cfg.layer_scale_init)
         self.llm = llm
-        width = llm.config.hidden_size
-        self.projector = DualStreamProjector(
-            projector_config_for(self.vision, self.input_shape, width, cfg.image_tokens, cfg.mixer_depth))
+        width = llm.config.hidden_size if llm is not None else llm_width
+        self.vision = build_dcformer(cfg.encoder, cfg.stem_act, cfg.layer_scale_init) if with_vision else None
+        self.projector = DualStreamProjector(projector_config_for(
+            self.vision, self.input_shape, width, cfg.image_tokens, cfg.mixer_depth)) if with_vision else None
         self.tokenizer = tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.lora = False
@@ -93,7 +81,7 @@ class VLM(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, input_shape, weights: bool = True, dtype=None) -> "VLM":
-        tok = vlm_tokenizer(cfg)
+        tok = vlm_tokenizer(cfg.llm)
         return cls(cfg, build_llm(cfg, tok, weights, dtype), tok, input_shape)
 
     # ------------------------------------------------------------ training presets
@@ -177,10 +165,8 @@ class VLM(nn.Module):
 
     # ------------------------------------------------------------ text
     def encode_example(self, prompt: str, answer: str | None) -> tuple[list[int], list[int]]:
-        """(input_ids, labels): placeholders + prompt (masked) + answer + EOS (learned); see `data.samples`."""
-        from med3dvlm.data.samples import encode_example
-
-        return encode_example(self.tokenizer, self.image_token_id, self.cfg.image_tokens, self.cfg.max_len, prompt, answer)
+        """(input_ids, labels): placeholders + prompt (masked) + answer + EOS (learned); see `models.prompt`."""
+        return encode_example(self.tokenizer, self.cfg.image_tokens, self.cfg.max_len, prompt, answer)
 
     def collate(self, examples: list[tuple[list[int], list[int]]], left_pad: bool = False) -> dict:
         width = max(len(ids) for ids, _ in examples)
@@ -216,8 +202,7 @@ class VLM(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        meta = {"kind": "med3dvlm-vlm", "model": asdict(self.cfg), "input_shape": list(self.input_shape), "lora": self.lora}
-        (path / "config.json").write_text(json.dumps(meta, indent=1))
+        write_meta(path, VLM_KIND, asdict(self.cfg), self.data, input_shape=list(self.input_shape), lora=self.lora)
         base = self.llm.get_base_model() if self.lora else self.llm
         base.config.save_pretrained(path / "llm")
         self.tokenizer.save_pretrained(path / "tokenizer")
@@ -225,19 +210,25 @@ class VLM(nn.Module):
         save_file(state, path / "model.safetensors")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype=None) -> "VLM":
-        from safetensors.torch import load_file
+    def from_pretrained(cls, path: str | Path, dtype=None, parts: tuple[str, ...] = PARTS) -> "VLM":
+        """Load an export, or only some of its `parts` ("vision": tower + projector; "llm": the LLM with LoRA): the
+        other part is never built and its tensors are never read."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        if not parts or set(parts) - set(PARTS):
+            raise ValueError(f"parts must be a non-empty subset of {PARTS}, not {parts!r}")
         path = Path(model_dir(path))
-        meta = _read_meta(path, "med3dvlm-vlm")
+        meta = read_meta(path, VLM_KIND)
         cfg = config_from_dict({"model": meta["model"]}).model
         tok = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path / "llm", local_files_only=True))
-        model = cls(cfg, llm, tok, tuple(meta["input_shape"]))
-        if meta["lora"]:
+        llm_cfg = AutoConfig.from_pretrained(path / "llm", local_files_only=True)
+        llm = AutoModelForCausalLM.from_config(llm_cfg) if "llm" in parts else None
+        model = cls(cfg, llm, tok, tuple(meta["input_shape"]), meta.get("data"), with_vision="vision" in parts,
+                    llm_width=llm_cfg.hidden_size)
+        if meta["lora"] and llm is not None:
             model.add_lora()
-        model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+        prefixes = (("vision.", "projector.") if "vision" in parts else ()) + (("llm.",) if "llm" in parts else ())
+        model.load_state_dict(load_state(path, prefixes), strict=True)
         if dtype is not None:
             model.to(dtype)
         return model

@@ -68,17 +68,20 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, text_lr
 
 def build_model(cfg: Config, stage: int, init: str | None):
     from med3dvlm.models.clip import CLIPModel
+    from med3dvlm.models.export import data_info
     from med3dvlm.models.vlm import VLM
 
     if stage == 1:
-        return CLIPModel.from_pretrained(init) if init else CLIPModel.from_config(cfg.model)
-    if stage == 2:
+        model = CLIPModel.from_pretrained(init) if init else CLIPModel.from_config(cfg.model)
+    elif stage == 2:
         model = VLM.from_config(cfg.model, cfg.data.shape)
         if init:
             model.vision.load_state_dict(CLIPModel.from_pretrained(init).vision.state_dict())
     else:
         model = VLM.from_pretrained(init) if init else VLM.from_config(cfg.model, cfg.data.shape)
-    model.set_stage(stage)
+    if stage > 1:
+        model.set_stage(stage)
+    model.data = data_info(cfg.data)  # the export records how its inputs were made
     return model
 
 
@@ -105,105 +108,161 @@ def export_model(engine, model, out: str, zero_stage: int) -> None:
         dist.barrier()
 
 
-def train_loop_per_worker(config: dict) -> None:
+def setup_engine(cfg: Config, config: dict, device):
+    """The stage's model, AdamW with a cosine schedule, wrapped by `deepspeed.initialize`; (engine, scheduler)."""
     import deepspeed
+
+    stage, use_gpu = config["stage"], cfg.train.use_gpu
+    st = cfg.stage(stage)
+    model = build_model(cfg, stage, config.get("init"))
+    if use_gpu:
+        model = model.to(device)
+        model.vision.to(memory_format=torch.channels_last_3d)  # 1.42x at the paper shape on an H100 (bench/results/gpu.md)
+    optimizer = torch.optim.AdamW(param_groups(model, st.lr, st.weight_decay, st.text_lr_scale), lr=st.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(config["total_steps"], st.warmup_ratio))
+    _stub_deepspeed_jit()
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=deepspeed_config(cfg, stage, use_gpu))
+    return engine, scheduler
+
+
+def resume(engine) -> int:
+    """The step to start from: 0, or the one after the checkpoint Ray Train restored (every rank loads its shard)."""
     import ray.train
-    import torch.distributed as dist
+
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return 0
+    with ckpt.as_directory() as d:
+        _, client = engine.load_checkpoint(d, tag="ds")
+    return client["step"] + 1
+
+
+class StepLog:
+    """Per-step metrics (loss averaged over ranks, lr, samples/s, data wait vs compute, stage 1's t and b) kept in
+    `history` and written to TensorBoard by rank 0 (to a local folder, uploaded at the end, for a URI)."""
+
+    def __init__(self, stage: int, batch_size: int, tb: str | None):
+        self.stage, self.batch_size, self.history = stage, batch_size, []
+        self.tb = tb
+        self.tb_remote = bool(tb) and not storage.is_local(tb)
+        self.tb_dir = tempfile.mkdtemp(prefix="med3dvlm-tb-") if self.tb_remote else tb and storage.resolve(tb)[1]
+        self.writer = _tb_writer(self.tb_dir)
+        self.t_last = time.perf_counter()
+
+    def step(self, engine, scheduler, step: int, epoch: int, loss, data_s: float, compute_s: float) -> dict:
+        import torch.distributed as dist
+
+        loss_v, world = float(loss.detach()), 1
+        if dist.is_initialized():
+            world = dist.get_world_size()
+            lt = torch.tensor([loss_v], device=loss.device)
+            dist.all_reduce(lt)
+            loss_v = float(lt.item()) / world
+        now = time.perf_counter()
+        m = {"step": step, "epoch": epoch, "loss": loss_v, "lr": max(scheduler.get_last_lr()),
+             "samples_per_s": self.batch_size * world / max(now - self.t_last, 1e-9),
+             "data_wait_s": data_s, "compute_s": compute_s}
+        self.t_last = now
+        if self.stage == 1:
+            lf = engine.module.loss_fn
+            m["t"], m["b"] = float(lf.temperature.item()), float(lf.bias.item())
+        self.history.append(m)
+        self.scalars(m, step)
+        return m
+
+    def scalars(self, m: dict, step: int, keys=None) -> None:
+        if self.writer:
+            for k in keys or [k for k in m if k not in ("step", "epoch")]:
+                self.writer.add_scalar(f"stage{self.stage}/{k}", m[k], step)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.tb_remote:
+            storage.copy_dir(self.tb_dir, self.tb)
+            shutil.rmtree(self.tb_dir, ignore_errors=True)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
 
     cfg = config_from_dict(config["cfg"])
     stage, use_gpu = config["stage"], cfg.train.use_gpu
-    st = cfg.stage(stage)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed + rank)
     device = torch.device(f"cuda:{ctx.get_local_rank()}") if use_gpu else torch.device("cpu")
     if not use_gpu:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-
-    model = build_model(cfg, stage, config.get("init"))
-    if use_gpu:
-        model = model.to(device)
-        model.vision.to(memory_format=torch.channels_last_3d)  # 1.42x at the paper shape on an H100 (bench/results/gpu.md)
-    steps_per_epoch = config["steps_per_epoch"]
-    total = config["total_steps"]
-    optimizer = torch.optim.AdamW(param_groups(model, st.lr, st.weight_decay, st.text_lr_scale), lr=st.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, st.warmup_ratio))
-    _stub_deepspeed_jit()
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, stage, use_gpu))
-
-    start, resumed = 0, False
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag="ds")
-        start, resumed = client["step"] + 1, True
-
+    engine, scheduler = setup_engine(cfg, config, device)
+    start = resume(engine)
     _record_placement(config.get("export"), start, rank, world)
-    shard = ray.train.get_dataset_shard("train")
+    log = StepLog(stage, cfg.stage(stage).batch_size, config.get("tensorboard") if rank == 0 else None)
+    run_epochs(cfg, config, engine, scheduler, log, start, device, rank)
+    log.close()
+    if config.get("export"):
+        export_model(engine, engine.module, config["export"], cfg.train.zero_stage)
+        if rank == 0:
+            storage.write_text(storage.join(config["export"], "history.json"), json.dumps(log.history))
+
+
+def _batches(cfg: Config, stage: int, epoch: int, rank: int):
+    """This worker's batches of one epoch; stage 2/3 rows of one volume arrive together (one flat_map), so a local
+    shuffle buffer, reseeded every epoch, mixes them."""
+    import ray.train
+
+    shuffle = {"local_shuffle_buffer_size": cfg.train.shuffle_buffer,
+               "local_shuffle_seed": cfg.train.seed + 1000 * rank + epoch} if cfg.train.shuffle_buffer > 0 else {}
+    return ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=cfg.stage(stage).batch_size, drop_last=True, **shuffle)
+
+
+def train_step(engine, cfg: Config, batch: dict, keys: list[str], device) -> torch.Tensor:
+    use_gpu = cfg.train.use_gpu
+    inputs = {k: batch[k].to(device) for k in keys}
+    inputs["volume"] = inputs["volume"].float().unsqueeze(1)
+    if use_gpu:
+        inputs["volume"] = inputs["volume"].contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(use_gpu and cfg.train.bf16)):
+        loss = engine(**inputs).loss
+    engine.backward(loss)
+    engine.step()
+    if use_gpu:
+        torch.cuda.synchronize()
+    return loss
+
+
+def run_epochs(cfg: Config, config: dict, engine, scheduler, log: StepLog, start: int, device, rank: int) -> None:
+    """Steps `start` .. total: train, log, validate every `eval_every` (stage 1), checkpoint every `checkpoint_every`
+    (or per epoch) and at the end; a resumed run skips the batches its epoch consumed before the failure."""
+    import ray.train
+
+    stage, steps_per_epoch, total = config["stage"], config["steps_per_epoch"], config["total_steps"]
     keys = ["volume", "input_ids", "attention_mask"] + (["labels"] if stage > 1 else [])
-    history, step = [], start
-    tb = config.get("tensorboard") if rank == 0 else None
-    tb_remote = bool(tb) and not storage.is_local(tb)  # then events go to a local folder, uploaded at the end
-    tb_dir = tempfile.mkdtemp(prefix="med3dvlm-tb-") if tb_remote else tb and storage.resolve(tb)[1]
-    writer = _tb_writer(tb_dir)
     ckpt_every = cfg.train.checkpoint_every or steps_per_epoch
     validate = stage == 1 and cfg.train.eval_every > 0
-    t_last = time.perf_counter()
+    step = start
     while step < total:
         epoch = step // steps_per_epoch
-        skip = step - epoch * steps_per_epoch  # resuming mid-epoch: these batches were consumed before the failure
-        # Stage 2/3 rows of one volume arrive together (one flat_map): without a shuffle a batch is one volume
-        shuffle = {"local_shuffle_buffer_size": cfg.train.shuffle_buffer,
-                   "local_shuffle_seed": cfg.train.seed + 1000 * rank + epoch} if cfg.train.shuffle_buffer > 0 else {}
-        it = shard.iter_torch_batches(batch_size=st.batch_size, drop_last=True, **shuffle)
+        skip = step - epoch * steps_per_epoch
         t_wait = time.perf_counter()
-        for i, batch in enumerate(it):
+        for i, batch in enumerate(_batches(cfg, stage, epoch, rank)):
             if i < skip:
                 t_wait = time.perf_counter()
                 continue
             if i >= steps_per_epoch or step >= total:
                 break
             data_s = time.perf_counter() - t_wait
-            if step == cfg.train.fail_at_step and not resumed and rank == 0:
+            if step == cfg.train.fail_at_step and start == 0 and rank == 0:
                 raise RuntimeError(f"fault injection: worker {rank} fails at step {step}")
             t0 = time.perf_counter()
-            inputs = {k: batch[k].to(device) for k in keys}
-            inputs["volume"] = inputs["volume"].float().unsqueeze(1)
-            if use_gpu:
-                inputs["volume"] = inputs["volume"].contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(use_gpu and cfg.train.bf16)):
-                out = engine(**inputs)
-                loss = out["loss"] if stage == 1 else out.loss
-            engine.backward(loss)
-            engine.step()
-            if use_gpu:
-                torch.cuda.synchronize()
-            compute_s = time.perf_counter() - t0
-            loss_v = float(loss.detach())
-            if dist.is_initialized():
-                lt = torch.tensor([loss_v], device=device)
-                dist.all_reduce(lt)
-                loss_v = float(lt) / world
-            now = time.perf_counter()
-            m = {"step": step, "epoch": epoch, "loss": loss_v, "lr": max(scheduler.get_last_lr()),
-                 "samples_per_s": st.batch_size * world / max(now - t_last, 1e-9),
-                 "data_wait_s": data_s, "compute_s": compute_s}
-            t_last = now
-            if stage == 1:
-                lf = engine.module.loss_fn
-                m["t"], m["b"] = float(lf.temperature), float(lf.bias)
-            history.append(m)
-            if writer:
-                for k, v in m.items():
-                    if k not in ("step", "epoch"):
-                        writer.add_scalar(f"stage{stage}/{k}", v, step)
+            loss = train_step(engine, cfg, batch, keys, device)
+            m = log.step(engine, scheduler, step, epoch, loss, data_s, time.perf_counter() - t0)
             step += 1
             if validate and (step % cfg.train.eval_every == 0 or step == total):
                 m.update(validate_stage1(engine.module, device))
-                if writer:
-                    for k in ("val_loss", "val_R@1"):
-                        writer.add_scalar(f"stage1/{k}", m[k], step - 1)
+                log.scalars(m, step - 1, ("val_loss", "val_R@1"))
             if step % ckpt_every == 0 or step == total:
                 _save_and_report(engine, m, step - 1)
             elif validate and step % cfg.train.eval_every == 0:
@@ -211,15 +270,6 @@ def train_loop_per_worker(config: dict) -> None:
             t_wait = time.perf_counter()
         if step < min(total, (epoch + 1) * steps_per_epoch):
             raise RuntimeError(f"rank {rank}: the dataset shard ran dry at step {step} of {total}")
-    if writer:
-        writer.close()
-    if tb_remote:
-        storage.copy_dir(tb_dir, tb)
-        shutil.rmtree(tb_dir, ignore_errors=True)
-    if config.get("export"):
-        export_model(engine, engine.module, config["export"], cfg.train.zero_stage)
-        if rank == 0:
-            storage.write_text(storage.join(config["export"], "history.json"), json.dumps(history))
 
 
 def _record_placement(export: str | None, start: int, rank: int, world: int) -> None:

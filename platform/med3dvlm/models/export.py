@@ -1,0 +1,64 @@
+"""The export format: a `from_pretrained` directory (a local path or a storage URI), its metadata and its kind.
+
+    <export>/config.json        {"kind": "med3dvlm-clip" | "med3dvlm-vlm", "model": ModelConfig, "data": {...}, ...}
+    <export>/model.safetensors  every parameter and buffer, keys as in the module tree (vision.*, projector.*, llm.*)
+    <export>/text/ or llm/, tokenizer/   the HF config (and tokenizer) of the text tower or the LLM
+
+`data` records how the volumes the model saw were made (shape, HU window), so serving preprocesses an upload the
+same way without being told. One kind per stage: stage 1 exports `med3dvlm-clip`, stages 2 and 3 `med3dvlm-vlm`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from med3dvlm import storage
+
+CLIP, VLM = "med3dvlm-clip", "med3dvlm-vlm"
+WHAT = {CLIP: "stage 1's export (CLIP)", VLM: "a stage-2/3 export (VLM)"}
+
+
+class ExportError(ValueError):
+    """A location that is not the export asked for; the message names it and says what it holds."""
+
+
+def model_dir(loc: str | Path) -> str:
+    """A local directory for a model given by path or storage URI (a URI is copied once per node; never a hub)."""
+    if not storage.exists(loc):
+        raise FileNotFoundError(f"model path {loc} does not exist (models load only from local paths or storage URIs)")
+    return storage.local_path(loc)
+
+
+def read_meta(loc: str | Path, kind: str | tuple[str, ...] | None = None) -> dict:
+    """`config.json` of an export (path or URI, nothing else is copied); with `kind`, refuse any other kind."""
+    f = storage.join(loc, "config.json")
+    if not storage.is_file(f):
+        raise ExportError(f"{loc}: not an exported model directory (no config.json)")
+    meta = json.loads(storage.read_text(f))
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds and meta.get("kind") not in kinds:
+        raise ExportError(f"{loc}: holds a {meta.get('kind')!r} model; expected {' or '.join(WHAT[k] for k in kinds)}")
+    return meta
+
+
+def write_meta(path: Path, kind: str, model_cfg: dict, data: dict | None = None, **extra) -> None:
+    meta = {"kind": kind, "model": model_cfg, **({"data": data} if data else {}), **extra}
+    (Path(path) / "config.json").write_text(json.dumps(meta, indent=1))
+
+
+def data_info(data_cfg) -> dict:
+    """What an export records of the data config: how its inputs were made."""
+    return {"shape": list(data_cfg.shape), "window": list(data_cfg.window), "window_mode": data_cfg.window_mode}
+
+
+def load_state(path: Path, prefixes: tuple[str, ...] | None = None) -> dict:
+    """The export's tensors, or only those under `prefixes` (the rest are never read from disk)."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            if prefixes is None or k.startswith(prefixes):
+                out[k] = f.get_tensor(k)
+    return out

@@ -1,0 +1,105 @@
+"""What every run of the platform shares: the environment defaults, the one Ray init, run records, user errors.
+
+Nothing here runs on import: an entry point calls `apply_env_defaults()` once (or `init_ray()`, which does it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Settings that keep Ray, DeepSpeed and HF quiet and offline.
+DEFAULT_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+class UserError(Exception):
+    """Bad input from the user: entry points print it as one line and exit with code 2."""
+
+
+def apply_env_defaults() -> None:
+    """Offline HF, quiet Ray, and METEOR's NLTK data (laid out by `make setup`); variables already set win."""
+    for k, v in DEFAULT_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("NLTK_DATA", str(CHECKOUT / ".venv" / "nltk_data"))
+
+
+def init_ray(num_cpus: int | None = None):
+    """Attach to RAY_ADDRESS (a cluster, or `ray job submit`), else start a local Ray.
+
+    Locally Ray gets twice the cores as logical CPUs (at least 4): Ray Data and Train workers then never wait on each
+    other for a CPU, and the object store is capped at 2 GiB.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    apply_env_defaults()
+    address = os.environ.get("RAY_ADDRESS")
+    if address:  # a cluster or a submitted job: the job's runtime env applies (ours would conflict with it)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
+        ray.init(num_cpus=cpus, object_store_memory=2 << 30, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": {k: os.environ[k] for k in DEFAULT_ENV}},
+                 log_to_driver=True, configure_logging=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    return ray
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=CHECKOUT).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_run_json(out, cfg, inputs: dict, figures: dict, started: float) -> str:
+    """`<out>/run.json`: config, git SHA, command line, input hashes and figures of a run (a path or URI)."""
+    from med3dvlm import storage
+
+    path = storage.join(out, "run.json")
+    storage.write_text(path, json.dumps({
+        "config": cfg.to_dict() if cfg is not None else None, "git_sha": git_sha(), "argv": sys.argv, "inputs": inputs,
+        "figures": figures, "wall_s": round(time.time() - started, 3),
+    }, indent=1, default=str))
+    return path
+
+
+def user_config(name_or_path: str, overrides: list[str] | None = None):
+    """`config.load_config` for a command line: a bad preset, file or key is a UserError naming it."""
+    from med3dvlm.config import load_config
+
+    try:
+        return load_config(name_or_path, overrides)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def run_cli(main):
+    """Apply the environment defaults, run `main()`; bad input exits 2 with one line, never a traceback."""
+    apply_env_defaults()
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,46 @@
+"""A stage's training and validation data as Ray Datasets over the shards (augmentation and tokenisation in Ray Data,
+off the trainer), and the sample counts the driver plans steps with."""
+
+from __future__ import annotations
+
+from med3dvlm.data.shards import read_shards, read_table
+
+
+def qa_splits(cfg, stage: int) -> tuple[str, ...]:
+    """Which questions train: the official train CSVs, or (leak-free split) every question of a training volume."""
+    base = ("train",) if cfg.train.split_field == "split" else ("train", "val", "test")
+    return base + (("yn_train",) if stage == 3 else ())
+
+
+def count_samples(cfg, stage: int, shards: str) -> int:
+    """Training samples of a stage: volumes (stage 1), or their report and question tasks (stages 2, 3)."""
+    from med3dvlm.data.samples import task_rows
+
+    t = read_table(shards, ["volume_id", "report", "qa"], split="train", split_field=cfg.train.split_field)
+    if cfg.train.max_train_volumes > 0:
+        t = t.slice(0, cfg.train.max_train_volumes)
+    if stage == 1:
+        return len(t)
+    splits = qa_splits(cfg, stage)
+    return sum(len(task_rows({**r, "volume": None}, stage, splits)) for r in t.to_pylist())
+
+
+def count_validation(cfg, shards: str) -> int:
+    return len(read_table(shards, ["volume_id"], split=cfg.train.validation_split, split_field=cfg.train.split_field))
+
+
+def build_dataset(cfg, stage: int, shards: str, split: str = "train", training: bool = True):
+    """A stage's samples from one split; training data is subset (`max_train_volumes`) and augmented, validation not."""
+    from med3dvlm.data.samples import as_float, augment, task_rows, tokenize_reports, tokenize_tasks
+
+    cols = ["volume_id", "volume", "report"] + (["qa"] if stage > 1 else [])
+    ds = read_shards(shards, split=split, split_field=cfg.train.split_field, columns=cols)
+    if training and cfg.train.max_train_volumes > 0:
+        ds = ds.limit(cfg.train.max_train_volumes)
+    aug = augment if training and cfg.train.augment else as_float
+    if stage == 1:
+        return ds.map_batches(aug, batch_size=8).map_batches(tokenize_reports, batch_size=16, fn_kwargs={
+            "text_encoder": cfg.model.text_encoder, "max_len": cfg.model.text_max_len})
+    ds = ds.flat_map(task_rows, fn_kwargs={"stage": stage, "qa_splits": qa_splits(cfg, stage)})
+    return ds.map_batches(aug, batch_size=8).map_batches(tokenize_tasks, batch_size=32, fn_kwargs={
+        "llm": cfg.model.llm, "n_image": cfg.model.image_tokens, "max_len": cfg.model.max_len})

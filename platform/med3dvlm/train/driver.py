@@ -1,0 +1,194 @@
+"""The stage driver: checks every input, plans the steps, runs one Ray Train `TorchTrainer` (DeepSpeed ZeRO inside
+`train.loop`), and writes `<out>/stage<N>/` (the export, run.json, history.json, curves.png, TensorBoard events);
+Ray Train's run (DeepSpeed checkpoints) goes to `<out>/ray/`. Bad input fails before any worker starts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from med3dvlm import storage
+from med3dvlm.models.export import CLIP, VLM, ExportError, read_meta
+from med3dvlm.runtime import UserError, init_ray, sha256_json, write_run_json
+from med3dvlm.train.datasets import build_dataset, count_samples, count_validation
+
+BUILTIN_TEXT = ("minilm", "tiny-bert")
+BUILTIN_LLM = ("tiny-qwen2",)
+
+
+@dataclass
+class Plan:
+    samples: int
+    steps_per_epoch: int
+    total_steps: int
+    validate: bool
+
+
+def check_shards(cfg, shards: str) -> dict:
+    """The shards' manifest; refuses a folder without shards or with volumes of another shape."""
+    from med3dvlm.data.shards import shard_files
+
+    shard_files(shards)
+    man = storage.join(shards, "manifest.json")
+    if not storage.is_file(man):
+        raise UserError(f"--shards {shards}: no manifest.json beside the shards; run pipelines.preprocess")
+    manifest = storage.read_json(man)
+    if tuple(manifest["config"]["shape"]) != tuple(cfg.data.shape):
+        raise UserError(f"--shards {shards} hold volumes of shape {tuple(manifest['config']['shape'])}, "
+                        f"the config asks for {tuple(cfg.data.shape)} (set data.shape or re-run preprocessing)")
+    return manifest
+
+
+def check_init(cfg, stage: int, init: str | None) -> None:
+    """The previous stage's export: present when needed, of the right kind, encoder and input shape."""
+    if stage > 1 and not init:
+        raise UserError(f"stage {stage} starts from stage {stage - 1}'s export: pass --init DIR")
+    if not init:
+        return
+    try:
+        meta = read_meta(init, CLIP if stage <= 2 else VLM)
+    except ExportError as e:
+        raise UserError(f"--init {e}; stage {stage} needs the export of stage {max(stage - 1, 1)}") from None
+    if meta["model"]["encoder"] != cfg.model.encoder:
+        raise UserError(f"--init {init}: encoder {meta['model']['encoder']} != config's {cfg.model.encoder}")
+    if stage == 3 and tuple(meta["input_shape"]) != tuple(cfg.data.shape):
+        raise UserError(f"--init {init}: trained at {tuple(meta['input_shape'])}, the config asks for "
+                        f"{tuple(cfg.data.shape)}")
+
+
+def check_inputs(cfg, stage: int, shards: str, init: str | None) -> dict:
+    """Every reason to refuse, found before any worker starts. Returns the shards' manifest."""
+    if stage not in (1, 2, 3):
+        raise UserError(f"--stage must be 1, 2 or 3, not {stage}")
+    manifest = check_shards(cfg, shards)
+    text, llm = cfg.model.text_encoder, cfg.model.llm
+    if text not in BUILTIN_TEXT and stage == 1 and not init and not storage.exists(text):
+        raise UserError(f"model.text_encoder {text}: does not exist (models load from paths or storage URIs, never a hub)")
+    if llm not in BUILTIN_LLM and stage == 2 and not storage.exists(llm):
+        raise UserError(f"model.llm {llm}: does not exist (models load from paths or storage URIs, never a hub)")
+    check_init(cfg, stage, init)
+    return manifest
+
+
+def check_resources(cfg) -> None:
+    import ray
+
+    res = ray.cluster_resources()
+    need_cpu = cfg.train.num_workers * cfg.train.cpus_per_worker
+    if res.get("CPU", 0) < need_cpu:
+        raise UserError(f"train.num_workers={cfg.train.num_workers} x {cfg.train.cpus_per_worker} CPU needs {need_cpu} "
+                        f"CPUs; the cluster has {res.get('CPU', 0):g}")
+    if cfg.train.use_gpu and res.get("GPU", 0) < cfg.train.num_workers:
+        raise UserError(f"train.num_workers={cfg.train.num_workers} with use_gpu needs {cfg.train.num_workers} GPUs; "
+                        f"the cluster has {res.get('GPU', 0):g}")
+
+
+def plan_steps(cfg, stage: int, shards: str) -> Plan:
+    validate = stage == 1 and cfg.train.eval_every > 0
+    if validate and count_validation(cfg, shards) < 2:
+        raise UserError(f"train.eval_every needs validation pairs: --shards {shards} has fewer than 2 rows with "
+                        f"{cfg.train.split_field}={cfg.train.validation_split}")
+    st = cfg.stage(stage)
+    n = count_samples(cfg, stage, shards)
+    steps_per_epoch = n // (st.batch_size * cfg.train.num_workers)
+    if steps_per_epoch == 0:
+        raise UserError(f"{n} training samples is fewer than one global batch ({st.batch_size} x "
+                        f"{cfg.train.num_workers} workers)")
+    total = math.ceil(st.epochs * steps_per_epoch)
+    return Plan(n, steps_per_epoch, min(total, st.max_steps) if st.max_steps > 0 else total, validate)
+
+
+def warn_if_unshared(out: str, log) -> None:
+    """A plain path on a multi-node cluster only works when every node mounts it (NFS): say so once."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not storage.is_uri(out) and len(nodes) > 1:
+        log(f"[train] note: --out {out} is a local path on a {len(nodes)}-node cluster; it must be a shared mount on "
+            f"every node (or use a URI such as s3://bucket/ckpt)")
+
+
+def make_trainer(cfg, stage: int, shards: str, out: str, init: str | None, plan: Plan, callbacks, name: str | None):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from med3dvlm.train.loop import train_loop_per_worker
+
+    export = storage.join(out, f"stage{stage}")
+    datasets = {"train": build_dataset(cfg, stage, shards)}
+    if plan.validate:
+        datasets["validation"] = build_dataset(cfg, 1, shards, cfg.train.validation_split, training=False)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "init": storage.absolute(init) if init else None,
+                           "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
+                           "export": export, "tensorboard": storage.join(export, "tensorboard")},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+                                     placement_strategy=cfg.train.placement_strategy),
+        run_config=RunConfig(name=name or f"stage{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
+                             storage_path=storage.join(out, "ray"), checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures), callbacks=callbacks),
+        datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=print, callbacks=None,
+          name: str | None = None) -> dict:
+    """Train one stage; returns {"export", "figures", "history", "checkpoint"}."""
+    from med3dvlm.plots import plot_curves
+
+    started = time.time()
+    manifest = check_inputs(cfg, stage, shards, init)
+    init_ray()
+    check_resources(cfg)
+    plan = plan_steps(cfg, stage, shards)
+    out = storage.absolute(out)
+    export = storage.join(out, f"stage{stage}")
+    warn_if_unshared(out, log)
+    storage.delete(storage.join(export, "placement.json"))  # the loop appends one entry per (re)start of this run
+    log(f"[train] stage {stage}: {plan.samples} samples, {plan.steps_per_epoch} steps/epoch x "
+        f"{cfg.stage(stage).epochs:g} epochs = {plan.total_steps} steps on {cfg.train.num_workers} workers "
+        f"({'GPU' if cfg.train.use_gpu else 'CPU'}, ZeRO-{cfg.train.zero_stage})")
+    result = make_trainer(cfg, stage, shards, out, init, plan, callbacks, name).fit()
+    if result.error:
+        raise result.error
+    history = read_history(export)
+    figures = summarize(history, stage)
+    figures["restored_from_checkpoint"] = bool(history and history[0]["step"] > 0)
+    write_run_json(export, cfg, {"shards_manifest": sha256_json(manifest), "init": init, "samples": plan.samples},
+                   figures, started)
+    with storage.staged(export) as d:
+        plot_curves(history, Path(d) / "curves.png", stage)
+    log(f"[train] stage {stage} done in {time.time() - started:.0f} s: loss {figures.get('loss_first', math.nan):.3f} "
+        f"-> {figures.get('loss_last', math.nan):.3f}, {figures.get('samples_per_s', 0):.1f} samples/s, "
+        f"data wait {100 * figures.get('data_wait_fraction', 0):.0f}% -> {export}")
+    return {"export": export, "figures": figures, "history": history, "checkpoint": result.checkpoint}
+
+
+def read_history(export: str) -> list[dict]:
+    f = storage.join(export, "history.json")
+    if not storage.is_file(f):
+        raise RuntimeError(f"training finished but {f} is missing: rank 0 wrote the export on a disk this driver "
+                           f"cannot see; on a multi-node cluster give --out a shared path or a URI (s3://...)")
+    return storage.read_json(f)
+
+
+def summarize(history: list[dict], stage: int) -> dict:
+    """First and last fifth's mean loss, steady-state samples/s and data-wait fraction (and stage 1's t, b)."""
+    if not history:
+        return {}
+    k = max(1, len(history) // 5)
+    steady = history[1:] or history
+    wait = sum(h["data_wait_s"] for h in steady)
+    comp = sum(h["compute_s"] for h in steady)
+    fig = {"steps": len(history), "first_step": history[0]["step"], "last_step": history[-1]["step"],
+           "loss_first": sum(h["loss"] for h in history[:k]) / k, "loss_last": sum(h["loss"] for h in history[-k:]) / k,
+           "samples_per_s": sum(h["samples_per_s"] for h in steady) / len(steady),
+           "data_wait_fraction": wait / max(wait + comp, 1e-9)}
+    if stage == 1:
+        fig["t_last"], fig["b_last"] = history[-1]["t"], history[-1]["b"]
+    return fig

@@ -1,0 +1,199 @@
+"""The HTTP API: a FastAPI ingress (OpenAPI at /docs, the web page at /) over the deployments' handles."""
+
+import hashlib
+import hmac
+import io
+import time
+
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+
+from med3dvlm.eval.vqa import first_choice
+from med3dvlm.models.prompt import LETTERS, question_prompt
+from serve.deployments import AUTOSCALE
+
+MAX_NEW_TOKENS = 512
+MAX_PROMPT_CHARS = 2000  # a report request or a question
+MAX_CHOICE_CHARS = 500  # each of choice_a..choice_d
+MIN_TEMPERATURE = 0.05  # 0 is greedy; below this, sampling divides logits into inf/nan
+
+
+api = FastAPI(title="med3dvlm", version="1",
+              description="Report generation, VQA and retrieval for 3D CT with a Med3DVLM-style model.")
+api.state.max_upload_bytes = 256 << 20  # set by the Api replica from its configuration
+
+
+@api.middleware("http")
+async def limit_body(request: Request, call_next):
+    """413 before the body is read when Content-Length is over the limit (chunked bodies are cut in `Api._read`)."""
+    n = request.headers.get("content-length")
+    limit = request.app.state.max_upload_bytes
+    if n and n.isdigit() and int(n) > limit + (1 << 20):
+        return JSONResponse({"detail": f"request body larger than the upload limit of {limit} bytes"}, 413)
+    return await call_next(request)
+
+
+@serve.deployment(autoscaling_config={**AUTOSCALE, "target_ongoing_requests": 16}, ray_actor_options={"num_cpus": 0.5},
+                  max_ongoing_requests=64)
+@serve.ingress(api)
+class Api:
+    def __init__(self, preprocessor, encoder, generator, retriever, cache, token: str | None, max_upload_bytes: int,
+                 model_info: dict):
+        self.pre, self.enc, self.gen, self.ret, self.cache = preprocessor, encoder, generator, retriever, cache
+        self.token, self.max_bytes, self.model_info = token, max_upload_bytes, model_info
+        api.state.max_upload_bytes = max_upload_bytes
+
+    # -------------------------------------------------------------- helpers
+    def _auth(self, request: Request) -> None:
+        if not self.token:
+            return
+        scheme, _, cred = request.headers.get("authorization", "").strip().partition(" ")
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(cred.strip().encode(), self.token.encode())):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read(self, file: UploadFile) -> bytes:
+        data = await file.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:
+            raise HTTPException(413, f"upload larger than the limit of {self.max_bytes} bytes")
+        if not data:
+            raise HTTPException(400, f"{file.filename or 'upload'}: empty upload")
+        return data
+
+    async def _volume(self, file: UploadFile | None, volume_id: str | None) -> tuple[str, dict, dict]:
+        """(volume id, cache item, timings) for an upload or the id of a previous one."""
+        timings = {}
+        if file is not None and file.filename is not None:
+            data = await self._read(file)
+            t = time.perf_counter()
+            res = await self.pre.remote(file.filename, data)
+            timings["preprocess_s"] = round(time.perf_counter() - t, 4)
+            if "error" in res:
+                raise HTTPException(400, res["error"])
+            vid = hashlib.sha256(res["volume"].tobytes()).hexdigest()[:16]
+            item = {"volume": res["volume"], "info": res["info"], "name": file.filename}
+            await self.cache.put.remote(vid, item)
+            return vid, item, timings
+        if volume_id:
+            item = await self.cache.get.remote(volume_id)
+            if item is None:
+                raise HTTPException(404, f"volume_id {volume_id}: unknown or evicted from the cache; upload the file again")
+            return volume_id, item, timings
+        raise HTTPException(400, "send a volume file (field `file`) or the `volume_id` of a previous upload")
+
+    async def _check_request(self, prompt: str, max_new_tokens: int, temperature: float) -> None:
+        """422 before any work when the model cannot take the request: a degenerate temperature, or a prompt that
+        is too long for the model once the image tokens are added."""
+        if 0 < temperature < MIN_TEMPERATURE:
+            raise HTTPException(422, f"temperature {temperature:g}: use 0 (greedy) or {MIN_TEMPERATURE}..2")
+        err = await self.gen.prompt_error.remote(prompt, max_new_tokens)
+        if err:
+            raise HTTPException(422, err)
+
+    async def _generate(self, item: dict, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
+                        timings: dict) -> str:
+        t = time.perf_counter()
+        tokens = await self.enc.encode.remote(item["volume"])
+        timings["encode_s"] = round(time.perf_counter() - t, 4)
+        if isinstance(tokens, dict):
+            raise HTTPException(422, f"cannot encode this volume: {tokens['error']}")
+        t = time.perf_counter()
+        text = await self.gen.generate.remote({"tokens": tokens, "prompt": prompt, "max_new_tokens": max_new_tokens,
+                                               "temperature": temperature, "top_p": top_p})
+        timings["generate_s"] = round(time.perf_counter() - t, 4)
+        if isinstance(text, dict):
+            raise HTTPException(422, f"cannot answer this request: {text['error']}")
+        return text
+
+    # -------------------------------------------------------------- endpoints
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.model_info, "retrieval": self.ret is not None,
+                "cached_volumes": await self.cache.count.remote()}
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page(self) -> str:
+        from serve.web import PAGE
+
+        return PAGE
+
+    @api.post("/v1/upload", summary="Upload a volume; returns its id (for /v1/vqa, /v1/report) and the preprocessing")
+    async def upload(self, request: Request, file: UploadFile = File(...)) -> dict:
+        self._auth(request)
+        vid, item, timings = await self._volume(file, None)
+        return {"volume_id": vid, "preprocessing": item["info"], "timings": timings}
+
+    @api.get("/v1/volumes/{volume_id}/slice/{axis}/{index}", summary="One slice of an uploaded volume as PNG")
+    async def slice_png(self, request: Request, volume_id: str, axis: int, index: int) -> Response:
+        from PIL import Image
+
+        self._auth(request)
+        _, item, _ = await self._volume(None, volume_id)
+        vol = item["volume"]
+        if axis not in (0, 1, 2) or not 0 <= index < vol.shape[axis]:
+            raise HTTPException(400, f"axis must be 0-2 and index within {list(vol.shape)}")
+        sl = np.take(vol, index, axis=axis)
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(sl)).save(buf, format="PNG")
+        return Response(buf.getvalue(), media_type="image/png")
+
+    @api.post("/v1/report", summary="Generate a findings report for a volume")
+    async def report(self, request: Request, file: UploadFile | None = File(None), volume_id: str | None = Form(None),
+                     prompt: str = Form("Describe the findings of this CT scan.", max_length=MAX_PROMPT_CHARS),
+                     max_new_tokens: int = Form(256, ge=1, le=MAX_NEW_TOKENS),
+                     temperature: float = Form(0.0, ge=0.0, le=2.0), top_p: float = Form(1.0, gt=0.0, le=1.0)) -> dict:
+        self._auth(request)
+        if not prompt.strip():
+            raise HTTPException(400, "empty prompt")
+        t0 = time.perf_counter()
+        await self._check_request(question_prompt(prompt), max_new_tokens, temperature)
+        vid, item, timings = await self._volume(file, volume_id)
+        text = await self._generate(item, question_prompt(prompt), max_new_tokens, temperature, top_p, timings)
+        timings["total_s"] = round(time.perf_counter() - t0, 4)
+        return {"volume_id": vid, "report": text, "preprocessing": item["info"], "timings": timings,
+                "decoding": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}}
+
+    @api.post("/v1/vqa", summary="Answer a question about a volume (closed-ended when choices A-D are given)")
+    async def vqa(self, request: Request, question: str = Form(..., max_length=MAX_PROMPT_CHARS),
+                  file: UploadFile | None = File(None), volume_id: str | None = Form(None),
+                  choice_a: str | None = Form(None, max_length=MAX_CHOICE_CHARS),
+                  choice_b: str | None = Form(None, max_length=MAX_CHOICE_CHARS),
+                  choice_c: str | None = Form(None, max_length=MAX_CHOICE_CHARS),
+                  choice_d: str | None = Form(None, max_length=MAX_CHOICE_CHARS),
+                  max_new_tokens: int = Form(64, ge=1, le=MAX_NEW_TOKENS),
+                  temperature: float = Form(0.0, ge=0.0, le=2.0), top_p: float = Form(1.0, gt=0.0, le=1.0)) -> dict:
+        self._auth(request)
+        if not question.strip():
+            raise HTTPException(400, "empty question")
+        choices = {k: v.strip() for k, v in zip(LETTERS, (choice_a, choice_b, choice_c, choice_d)) if v and v.strip()}
+        if len(choices) == 1:
+            raise HTTPException(400, "a closed question needs at least two choices")
+        t0 = time.perf_counter()
+        prompt = question_prompt(question, choices)
+        await self._check_request(prompt, max_new_tokens, temperature)
+        vid, item, timings = await self._volume(file, volume_id)
+        text = await self._generate(item, prompt, max_new_tokens, temperature, top_p, timings)
+        timings["total_s"] = round(time.perf_counter() - t0, 4)
+        letter = first_choice(text, ignore_case=True) if choices else None
+        letter = letter if letter in choices else None
+        return {"volume_id": vid, "question": question.strip(), "answer": text, "choice": letter,
+                "choice_text": choices.get(letter) if letter else None, "timings": timings}
+
+    @api.post("/v1/retrieve", summary="Text -> the k most similar indexed volumes; volume -> the k most similar reports")
+    async def retrieve(self, request: Request, text: str | None = Form(None, max_length=5000),
+                       file: UploadFile | None = File(None), volume_id: str | None = Form(None),
+                       k: int = Form(5, ge=1, le=100)) -> dict:
+        self._auth(request)
+        if self.ret is None:
+            raise HTTPException(404, "retrieval is not configured (start the app with clip=DIR index=SHARDS)")
+        t0 = time.perf_counter()
+        if text is not None and text.strip():
+            hits = await self.ret.by_text.remote(text.strip(), k)
+            return {"query": "text", "results": hits, "timings": {"total_s": round(time.perf_counter() - t0, 4)}}
+        if file is None and not volume_id:
+            raise HTTPException(400, "send `text`, or a volume (`file` or `volume_id`)")
+        vid, item, timings = await self._volume(file, volume_id)
+        hits = await self.ret.by_volume.remote(item["volume"], k)
+        timings["total_s"] = round(time.perf_counter() - t0, 4)
+        return {"query": "volume", "volume_id": vid, "results": hits, "timings": timings}
