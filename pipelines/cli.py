@@ -9,7 +9,7 @@ import sys
 
 COMMANDS = {"make-synthetic": "pipelines.make_synthetic", "preprocess": "pipelines.preprocess",
             "train": "pipelines.train", "evaluate": "pipelines.evaluate", "demo": "pipelines.demo",
-            "sweep": "tuning.siglip_sweep"}
+            "sweep": "tuning.siglip_sweep", "import-released": "pipelines.import_released"}
 
 
 def main(argv=None):

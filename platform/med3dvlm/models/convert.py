@@ -1,7 +1,8 @@
 """Key mapping between released Med3DVLM checkpoints and our modules (a state-dict adapter, torchtitan style).
 
-Released layout (mirthAI/Med3DVLM, research/med3dvlm.md 1.1-1.4), one merged HF checkpoint:
-- vision tower  `model.vision_tower.vision_tower.encoder.s0..s4.*` (or bare `encoder.s*` in pretrained_ViT.bin);
+Released layout (mirthAI/Med3DVLM), one merged HF checkpoint:
+- vision tower  `model.vision_tower.vision_tower.encoder.s0..s4.*` (or bare `encoder.s*` in pretrained_ViT.bin); the
+  stem is a Sequential inside stage s0's, so its keys are `encoder.s0.0.{0..3}.c{1,2,3}.*`;
   it runs in (H, W, D) layout: branch c1 convolves along H, c2 along W, c3 along D, and conv kernels are (kH, kW, kD).
   Blocks: `proj` (1x1x1 downsample), `dwconv.c{1,2,3}.{0: conv, 1: BN}`, `mlp.mlp.{0,3}`, `gamma` (later `scale`).
 - projector     `model.mm_projector.{low,high}_mixer.{i}.{ln1,ln2,mlp1,mlp2}` with `mm_projector.0` / `.1.1` Linears.
@@ -35,7 +36,7 @@ def _dhw_to_hwd(w: torch.Tensor) -> torch.Tensor:
 
 def _vision_key(rest: str) -> str | None:
     """`s0.1.c2.0.weight` etc. (after `encoder.`) -> our key below `vision.`."""
-    m = re.fullmatch(r"s0\.(\d+)\.(c[123])\.(.+)", rest)
+    m = re.fullmatch(r"s0\.0\.(\d+)\.(c[123])\.(.+)", rest)  # the stem: a Sequential inside stage s0's
     if m:
         return f"stem.{m[1]}.branches.{_BRANCH[m[2]]}.{m[3]}"
     m = re.fullmatch(r"s([1-4])\.(\d+)\.(.+)", rest)
@@ -88,7 +89,7 @@ def to_released(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if key.startswith("vision."):
             k = key[len("vision."):]
             if (m := re.fullmatch(r"stem\.(\d+)\.branches\.(\d)\.(.+)", k)):
-                rel = f"s0.{m[1]}.{_BRANCH_INV[m[2]]}.{m[3]}"
+                rel = f"s0.0.{m[1]}.{_BRANCH_INV[m[2]]}.{m[3]}"
             else:
                 m = re.fullmatch(r"stages\.(\d)\.(\d+)\.(.+)", k)
                 stage, block, tail = int(m[1]) + 1, m[2], m[3]

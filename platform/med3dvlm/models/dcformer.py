@@ -1,4 +1,4 @@
-"""DCFormer: a 3D CNN whose convolutions are decomposed into three 1-D convolutions (research/med3dvlm.md 1.1).
+"""DCFormer: a 3D CNN whose convolutions are decomposed into three 1-D convolutions (Med3DVLM, arXiv 2503.20047; mirthAI/Med3DVLM `dcformer.py`).
 
 Input (B, 1, D, H, W); output: the tokens of every stage s0..s4, each (B, D_s*H_s*W_s, C_s) in (D, H, W) order.
 Resolution-agnostic. The layout here is (D, H, W) throughout; the reference permutes to (H, W, D) internally, which
@@ -29,6 +29,7 @@ VARIANTS = {
     "tiny": DCFormerConfig((1, 2, 3, 3, 2), (64, 96, 192, 384, 768)),
     "small": DCFormerConfig((1, 2, 3, 6, 2), (64, 96, 192, 384, 768)),
     "base": DCFormerConfig((1, 2, 6, 6, 2), (64, 128, 256, 512, 1024)),
+    "large": DCFormerConfig((1, 2, 6, 12, 2), (64, 256, 512, 1024, 2048)),
 }
 
 

@@ -1,0 +1,41 @@
+"""Start from the released Med3DVLM weights: a released checkpoint folder <-> this project's stage-3 export.
+
+    python -m pipelines.import_released --checkpoint PATH_OR_URI --out DIR [--config paper] [key=value ...]
+    python -m pipelines.import_released --to-released --checkpoint EXPORT --out DIR
+
+The import reads the HF folder (config.json, model.safetensors or model-0000N-of-0000M.safetensors with
+model.safetensors.index.json, tokenizer files; LoRA merged) one shard at a time and writes an export that
+`pipelines.evaluate`, the Serve app and `pipelines.train --stage 3 --init` accept (splice `m3d_legacy`, as the
+weights were trained). `--to-released` writes the released layout from one of our exports (LoRA merged).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from pipelines.common import config_from_args, parser, run_main
+
+
+def main(argv=None):
+    from med3dvlm.models.released import export_released, import_released
+    from med3dvlm.runtime import write_run_json
+
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="a released checkpoint folder (or, with --to-released, "
+                                                       "one of our stage-2/3 exports): a path or a URI")
+    p.add_argument("--out", required=True, help="the folder to write: a path or a URI")
+    p.add_argument("--to-released", action="store_true", help="write the released layout from one of our exports")
+    p.set_defaults(config="paper")
+    args = p.parse_args(argv)
+    cfg, started = config_from_args(args), time.time()
+    if args.to_released:
+        res = export_released(args.checkpoint, args.out)
+    else:
+        res = import_released(args.checkpoint, args.out, cfg)
+    write_run_json(args.out, cfg, {"checkpoint": args.checkpoint, **res}, {}, started)
+    return res
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))

@@ -1,0 +1,213 @@
+"""The released Med3DVLM layout, built from facts measured on the reference code (../shared/reference/): every key
+and shape of the six DCFormer variants and of the paper-config projector, and a reference DCFormer-nano with its
+outputs for one input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from med3dvlm.models.convert import from_released, load_released, to_released
+from med3dvlm.models.dcformer import VARIANTS, build_dcformer
+from med3dvlm.models.projector import DualStreamProjector, projector_config_for
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+KEYS = REFERENCE / "med3dvlm_reference_keys.json"
+NANO = REFERENCE / "dcformer_nano_reference.safetensors"
+pytestmark = pytest.mark.skipif(not KEYS.is_file(), reason=f"{REFERENCE} (the measured reference facts) is missing")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return json.loads(KEYS.read_text())
+
+
+def _random_state(entry: dict) -> dict:
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for k, shape in entry["state_dict"].items():
+        out[entry["prefix_in_released_checkpoint"] + k] = (
+            torch.randint(0, 100, shape, generator=g) if k.endswith("num_batches_tracked") else torch.randn(shape, generator=g))
+    return out
+
+
+def test_the_six_reference_variants_are_ours():
+    assert set(VARIANTS) == {"nano", "naive", "tiny", "small", "base", "large"}
+
+
+@pytest.mark.parametrize("variant", ["nano", "naive", "tiny", "small", "base", "large"])
+def test_every_variant_imports_strictly_and_exports_the_identical_layout(reference, variant):
+    entry = reference[f"dcformer_{variant}"]
+    released = _random_state(entry)
+    ours = {k[len("vision."):]: v for k, v in from_released(released).items()}
+    model = build_dcformer(variant)
+    assert model.num_params() == entry["params"]
+    res = model.load_state_dict(ours, strict=True)  # strict: a missing or extra key raises
+    assert not res.missing_keys and not res.unexpected_keys
+    back = to_released({f"vision.{k}": v for k, v in model.state_dict().items()})
+    assert {k: list(v.shape) for k, v in back.items()} == {k: list(v.shape) for k, v in released.items()}
+    for k, v in released.items():
+        assert torch.equal(back[k].to(v.dtype), v), k
+
+
+def test_reference_nano_weights_reproduce_the_reference_outputs():
+    from safetensors.torch import load_file
+
+    fx = load_file(str(NANO))
+    released = {k: v for k, v in fx.items() if k.startswith("model.")}
+    model = build_dcformer("nano").eval()
+    model.load_state_dict({k[len("vision."):]: v for k, v in from_released(released).items()}, strict=True)
+    with torch.no_grad():
+        outs = model(fx["input"])
+    n = len([k for k in fx if k.startswith("output.")])
+    assert n == 5
+    for i in range(n):
+        want = fx[f"output.{i}"]
+        assert outs[i].shape == want.shape
+        rel = (outs[i] - want).norm() / want.norm()
+        assert rel < 1e-5, (i, float(rel))
+
+
+def test_paper_projector_imports_strictly(reference):
+    entry = reference["projector_paper"]
+    cfg = projector_config_for(build_dcformer("small"), (128, 256, 256), entry["config"]["hidden_size"],
+                               entry["config"]["image_tokens"], entry["config"]["depth"])
+    proj = DualStreamProjector(cfg)
+    assert sum(p.numel() for p in proj.parameters()) == entry["params"] == 47_221_248
+    ours = {k[len("projector."):]: v for k, v in from_released(_random_state(entry)).items()}
+    proj.load_state_dict(ours, strict=True)
+    back = to_released({f"projector.{k}": v for k, v in proj.state_dict().items()})
+    assert set(back) == {entry["prefix_in_released_checkpoint"] + k for k in entry["state_dict"]}
+
+
+def test_load_released_is_strict_and_names_the_key():
+    from dataclasses import replace
+
+    from med3dvlm.config import load_config
+    from med3dvlm.models.vlm import VLM
+
+    tiny = load_config("tiny")
+    cfg = replace(tiny.model, splice="m3d_legacy")
+    a, b = VLM.from_config(cfg, tiny.data.shape).eval(), VLM.from_config(cfg, tiny.data.shape).eval()
+    released = to_released(a.state_dict())
+    load_released(b, released)
+    x = torch.rand(1, 1, *tiny.data.shape)
+    assert torch.equal(a.encode_images(x), b.encode_images(x))
+    with pytest.raises(KeyError, match="s9.extra"):
+        from_released({**released, "model.vision_tower.vision_tower.encoder.s9.extra": torch.zeros(1)})
+    del released["lm_head.weight"]
+    with pytest.raises(KeyError, match="lm_head.weight"):
+        load_released(b, released)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint folders
+def _released_folder(vlm, folder: Path) -> None:
+    """A checkpoint folder in the released layout, built as the authors' merge script writes one (not by our
+    exporter): the LLM saved by `save_pretrained` in several shards with an index, the vision tower and projector
+    under their released prefixes in one more shard, the reference's vision fields in config.json."""
+    from safetensors.torch import save_file
+
+    from med3dvlm.models.released import released_config
+
+    vlm.llm.save_pretrained(folder, max_shard_size="400KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2  # really sharded
+    vision = to_released({k: v for k, v in vlm.state_dict().items() if k.startswith(("vision.", "projector."))})
+    save_file({k: v.contiguous() for k, v in vision.items()}, str(folder / "model-vision.safetensors"))
+    index["weight_map"].update({k: "model-vision.safetensors" for k in vision})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps(released_config(vlm)))
+    vlm.tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    from dataclasses import replace
+
+    from med3dvlm.config import load_config
+    from med3dvlm.models.vlm import VLM
+
+    torch.manual_seed(0)
+    tiny = load_config("tiny")
+    vlm = VLM.from_config(replace(tiny.model, splice="m3d_legacy"), tiny.data.shape).eval()
+    folder = tmp_path_factory.mktemp("released")
+    _released_folder(vlm, folder)
+    return vlm, folder
+
+
+def _greedy(vlm, seed=1):
+    x = torch.rand(2, 1, 32, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return vlm.generate(x, [" Describe the findings.", " Which organ?"], max_new_tokens=8)
+
+
+def test_import_gives_the_saved_models_greedy_answers_and_exports_back(released, tmp_path):
+    from med3dvlm.models.vlm import VLM
+    from pipelines.import_released import main
+
+    vlm, folder = released
+    res = main(["--checkpoint", str(folder), "--out", str(tmp_path / "ours"), "--config", "tiny"])
+    assert res["encoder"] == "nano" and len(res["shards"]) >= 3 and all(len(h) == 64 for h in res["sha256"].values())
+    run = json.loads((tmp_path / "ours" / "run.json").read_text())
+    assert run["inputs"]["checkpoint"] == str(folder) and run["inputs"]["sha256"] == res["sha256"]
+    ours = VLM.from_pretrained(tmp_path / "ours").eval()
+    assert ours.cfg.splice == "m3d_legacy"
+    assert _greedy(ours) == _greedy(vlm)
+    # the parts the Serve app loads, and evaluation's kind check
+    assert VLM.from_pretrained(tmp_path / "ours", parts=("vision",)).llm is None
+    assert VLM.from_pretrained(tmp_path / "ours", parts=("llm",)).vision is None
+    main(["--to-released", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "back")])
+    main(["--checkpoint", str(tmp_path / "back"), "--out", str(tmp_path / "again"), "--config", "tiny"])
+    assert _greedy(VLM.from_pretrained(tmp_path / "again").eval()) == _greedy(vlm)
+
+
+def test_exported_lora_model_is_merged_into_the_released_layout(released, tmp_path):
+    from dataclasses import replace
+
+    from med3dvlm.config import load_config
+    from med3dvlm.models.released import export_released, import_released
+    from med3dvlm.models.vlm import VLM
+
+    tiny = load_config("tiny")
+    vlm = VLM.from_config(replace(tiny.model, splice="m3d_legacy"), tiny.data.shape)
+    vlm.set_stage(3)
+    for n, p in vlm.llm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)  # a LoRA that changes the answers
+    vlm.eval().save_pretrained(tmp_path / "lora")
+    export_released(str(tmp_path / "lora"), str(tmp_path / "rel"), max_shard_bytes=300_000, log=lambda *_: None)
+    keys = json.loads((tmp_path / "rel" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not any("lora" in k for k in keys)
+    import_released(str(tmp_path / "rel"), str(tmp_path / "back"), tiny, log=lambda *_: None)
+    assert _greedy(VLM.from_pretrained(tmp_path / "back").eval()) == _greedy(VLM.from_pretrained(tmp_path / "lora").eval())
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("no_config", "no config.json"), ("no_weights", "not a released checkpoint folder"),
+    ("missing_shard", "are missing"), ("wrong_variant", "DCFormer-nano"), ("wrong_shape", "trained at"),
+])
+def test_import_refuses_with_one_line(released, tmp_path, capsys, damage, words):
+    import shutil
+
+    from pipelines.common import run_main
+    from pipelines.import_released import main
+
+    _, folder = released
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    extra = ["--config", "tiny"]
+    if damage == "no_config":
+        (bad / "config.json").unlink()
+    elif damage == "no_weights":
+        for f in bad.glob("model*.safetensors*"):
+            f.unlink()
+    elif damage == "missing_shard":
+        (bad / "model-vision.safetensors").unlink()
+    elif damage == "wrong_variant":
+        extra.append("model.encoder=small")
+    elif damage == "wrong_shape":
+        extra.append("data.shape=[16,64,64]")
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: main(["--checkpoint", str(bad), "--out", str(tmp_path / "o"), *extra]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err, err
