@@ -58,7 +58,7 @@ def run_demo(cfg, out: str | Path = "out/demo", cases: int = 100, shuffle_choice
     log(f"[demo] synthetic M3D tree: {counts['volumes']} volumes of {counts['cases']} cases, {counts['qa']} questions, "
         f"{counts['planted_bad']} planted bad inputs ({time.time() - started:.0f} s)")
     init_ray()
-    log(summary(preprocess(cfg, out / "raw", out / "shards", log)).split("\n  quarantined:")[0])
+    log("\n".join(summary(preprocess(cfg, out / "raw", out / "shards", log)).splitlines()[:4]))
     exports, figures = {}, {}
     for stage in (1, 2, 3):
         r = train(cfg, stage, str(out / "shards"), str(out / "ckpt"), exports.get(stage - 1), log)

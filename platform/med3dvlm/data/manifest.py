@@ -17,8 +17,10 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from med3dvlm import storage
@@ -60,12 +62,25 @@ def _text_lines(path) -> io.StringIO:
         raise ManifestError(f"{path}: not UTF-8 text ({e})") from None
 
 
+@lru_cache(maxsize=1 << 16)
+def _real_dir(d: str) -> str:
+    return os.path.realpath(d)
+
+
+def _real(p: str) -> str:
+    """os.path.realpath, with the resolved parent folders cached (a tree of 120K series shares few of them)."""
+    if os.path.islink(p):
+        return os.path.realpath(p)
+    head, tail = os.path.split(p)
+    return os.path.normpath(os.path.join(_real_dir(head), tail))
+
+
 def outside_root(raw, path) -> str | None:
     """Why `path` (a file or folder a manifest names) is not inside the data root `raw`, or None. Local paths are
     resolved first, so `..` and symlinks that lead out are caught; a remote path can only name what the listing holds."""
     if isinstance(raw, Path):
-        root, target = raw.resolve(), Path(path).resolve()
-        inside = target == root or root in target.parents
+        root, target = _real_dir(str(raw)), _real(str(path))
+        inside = target == root or target.startswith(root.rstrip(os.sep) + os.sep)
     else:
         rel = getattr(path, "_rel", "")
         inside = not (rel == ".." or rel.startswith("../") or rel.startswith("/"))

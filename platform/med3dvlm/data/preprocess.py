@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import resource
 import time
 from collections import Counter
 
 from med3dvlm import storage
 from med3dvlm.data.manifest import ManifestError, build_manifest, case_split
-from med3dvlm.data.plan import plan_shards
+from med3dvlm.data.plan import load_assignment, plan_shards, save_assignment
 from med3dvlm.runtime import UserError, init_ray, sha256_json, write_run_json
 
 
@@ -28,32 +30,40 @@ def preprocess(cfg, raw, out, log=print) -> dict:
         items, qa_quarantine = build_manifest(raw, cfg.data.case_split)
     except ManifestError as e:
         raise UserError(str(e)) from None
-    specs = plan_shards(items, cfg, out)
+    specs, assignment = plan_shards(items, cfg, out, load_assignment(out))
+    planned = time.time() - started
     log(f"[preprocess] {len(items)} inputs, {sum(1 for i in items if i.error)} unusable before reading, "
-        f"{len(specs)} shards of up to {cfg.data.rows_per_shard} volumes -> {out}")
-    _delete_stale_shards(out, len(specs))
+        f"{len(specs)} shards of up to {cfg.data.rows_per_shard} volumes -> {out} (manifest and plan in {planned:.1f} s)")
+    _delete_stale_shards(out, {s["index"] for s in specs})
     results, peak = _run_shards(specs, started, log)
     manifest = _manifest(cfg, raw, items, qa_quarantine, results)
     text = json.dumps(manifest, indent=1)
+    save_assignment(out, assignment)
     storage.write_text(storage.join(out, "manifest.json"), text)
     manifest = json.loads(text)
     wall = time.time() - started
     rows = manifest["counts"]["rows"]
-    figures = {"wall_s": round(wall, 2), "volumes_per_s": round(len(items) / wall, 2),
+    skipped = sum(r["skipped"] for r in results)
+    figures = {"wall_s": round(wall, 2), "manifest_and_plan_s": round(planned, 2),
+               "volumes_per_s": round(len(items) / wall, 2),
                "bytes_per_volume": round(sum(r["bytes"] for r in results) / max(rows, 1)),
-               "skipped_shards": sum(r["skipped"] for r in results), "worker_peak_rss_mb": round(peak)}
+               "skipped_shards": skipped, "processed_shards": len(results) - skipped, "ray_tasks": len(specs),
+               "worker_peak_rss_mb": round(peak),
+               "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     write_run_json(out, cfg, {"raw": str(raw), **manifest["inputs"]["manifest_files"]}, figures, started)
     manifest["figures"] = figures  # for callers; not in manifest.json, which stays byte-stable
     return manifest
 
 
-def _delete_stale_shards(out: str, n_specs: int) -> None:
-    """Shards from an earlier run with more shards must not be read back."""
+def _delete_stale_shards(out: str, planned: set[int]) -> None:
+    """Shards of an earlier run that this plan no longer has (every case of theirs gone) must not be read back."""
     from med3dvlm.data.shards import list_shards
 
     for p in list_shards(out):
-        if int(p.rsplit("/", 1)[-1][len("part-"):-len(".parquet")]) >= n_specs:
+        name = p.rsplit("/", 1)[-1][:-len(".parquet")]
+        if int(name[len("part-"):]) not in planned:
             storage.delete(p)
+            storage.delete(storage.join(out, "_state", f"{name}.json"))
 
 
 def _run_shards(specs: list[dict], started: float, log) -> tuple[list[dict], float]:
@@ -64,14 +74,17 @@ def _run_shards(specs: list[dict], started: float, log) -> tuple[list[dict], flo
     if not specs:
         return [], 0.0
     init_ray()
-    results, peak = [], 0.0
+    results, peak, last = [], 0.0, 0.0
     ds = ray.data.from_items(specs, override_num_blocks=len(specs)).map(process_shard, num_cpus=1)
     for r in ds.iter_rows():
         peak = max(peak, r.pop("worker_peak_rss_mb", 0.0))
         results.append(r)
-        rate = sum(x["inputs"] for x in results) / max(time.time() - started, 1e-9)
-        log(f"[preprocess] {r['shard']}: {r['rows']} rows, {len(r['quarantine'])} quarantined"
-            f"{' (unchanged, skipped)' if r['skipped'] else ''}  [{len(results)}/{len(specs)} shards, {rate:.1f} vol/s]")
+        if len(specs) <= 20 or time.time() - last > 10 or len(results) == len(specs):  # a bounded number of lines
+            last = time.time()
+            rate = sum(x["inputs"] for x in results) / max(last - started, 1e-9)
+            log(f"[preprocess] {len(results)}/{len(specs)} shards ({sum(x['skipped'] for x in results)} unchanged, "
+                f"skipped), {sum(x['rows'] for x in results)} rows, "
+                f"{sum(len(x['quarantine']) for x in results)} quarantined, {rate:.1f} vol/s")
     return sorted(results, key=lambda r: r["shard"]), peak
 
 
@@ -103,11 +116,25 @@ def _manifest(cfg, raw: str, items, qa_quarantine: list[dict], results: list[dic
     }
 
 
-def summary(manifest: dict) -> str:
-    """The counts of a run, then each quarantined input with its reason."""
+def reason_kind(reason: str) -> str:
+    """A quarantine reason without its file names and details: what to count by ("cannot decode image")."""
+    text = reason.rsplit(": ", 1)[-1] if ": " in reason else reason
+    return re.sub(r"\s*\(.*", "", re.sub(r"line \d+", "line N", text)).strip() or reason
+
+
+def summary(manifest: dict, examples: int = 3) -> str:
+    """The counts of a run, then the quarantine by kind with the first few examples (the full list stays in
+    manifest.json): bounded output at any scale."""
     c = manifest["counts"]
     lines = [f"inputs {c['inputs']} = rows {c['rows']} + quarantined {c['quarantined']}  ({c['shards']} shards, "
              f"{c['cases']} cases)", f"official split: {c['split']}", f"case split:     {c['case_split']}",
              f"questions: {c['qa_rows']} attached, {c['qa_quarantined']} quarantined"]
-    lines += [f"  quarantined: {q['reason']}" for q in manifest["quarantine"]]
+    kinds: dict[str, list[str]] = {}
+    for q in manifest["quarantine"]:
+        kinds.setdefault(reason_kind(q["reason"]), []).append(q["reason"])
+    for kind, reasons in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"  quarantined {len(reasons)} x {kind}, e.g.")
+        lines += [f"    {r}" for r in reasons[:examples]]
+    if kinds:
+        lines.append("  (every quarantined input with its reason: manifest.json)")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Training samples from shard rows, as Ray Data transforms (so augmentation and tokenisation run off the trainer).
 
-- `augment`: the reference (M3D) augmentation on uint8/float16 volumes: rot90 in H-W (p 0.5),
-  flips per axis (p 0.1), intensity scale and shift +-0.1 (p 0.5 each). Output float16 in [0,1]-ish.
+- Volumes stay as stored (uint8): the augmentation's parameters are drawn in Ray Data and applied in the train
+  worker (`train.augment`), so the feed moves one byte per voxel.
 - Stage 1: volume + report, the report shortened by whole sentences to the text encoder's limit.
 - Stages 2/3: one row per task: a report (caption), each question closed (choices A-D) and open, and in stage 3
   the yes/no questions. Prompts use our own templates; the target is what the model must produce.
@@ -13,9 +13,8 @@ import re
 
 import numpy as np
 
-from med3dvlm.data.transform import to_float
 from med3dvlm.models.clip import text_tokenizer
-from med3dvlm.models.prompt import closed_prompt, encode_example, keyed_rng, open_prompt, report_prompt, vlm_tokenizer
+from med3dvlm.models.prompt import closed_prompt, encode_example, open_prompt, report_prompt, vlm_tokenizer
 
 
 def shorten_report(text: str, n_tokens, max_tokens: int) -> str:
@@ -28,33 +27,6 @@ def shorten_report(text: str, n_tokens, max_tokens: int) -> str:
             break
         out.append(s)
     return " ".join(out)
-
-
-def augment(batch: dict, seed: int | None = None) -> dict:
-    """Reference augmentation on a numpy batch with a `volume` column (N, D, H, W).
-
-    `seed=None` (training): fresh randomness on every pass, so each epoch sees new augmentations; an int makes it
-    deterministic per volume (tests)."""
-    out = []
-    for vid, vol in zip(batch["volume_id"], batch["volume"]):
-        rng = keyed_rng(str(vid), seed) if seed is not None else np.random.default_rng()
-        v = to_float(vol).numpy()
-        if rng.random() < 0.5:
-            v = np.rot90(v, k=int(rng.integers(1, 4)), axes=(1, 2))
-        for axis in range(3):
-            if rng.random() < 0.1:
-                v = np.flip(v, axis=axis)
-        if rng.random() < 0.5:
-            v = v * (1 + rng.uniform(-0.1, 0.1))
-        if rng.random() < 0.5:
-            v = v + rng.uniform(-0.1, 0.1)
-        out.append(np.ascontiguousarray(v, dtype=np.float16))
-    return {**batch, "volume": np.stack(out)}
-
-
-def as_float(batch: dict) -> dict:
-    """No augmentation (evaluation): stored volume -> float16 in [0,1]."""
-    return {**batch, "volume": to_float(batch["volume"]).numpy().astype(np.float16)}
 
 
 def task_rows(row: dict, stage: int, qa_splits: tuple[str, ...], seed: int = 0) -> list[dict]:
@@ -81,7 +53,7 @@ def tokenize_reports(batch: dict, text_encoder: str, max_len: int) -> dict:
     n_tokens = lambda t: len(tok(t, add_special_tokens=True)["input_ids"])  # noqa: E731
     texts = [shorten_report(str(r), n_tokens, max_len) for r in batch["report"]]
     enc = tok(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="np")
-    return {"volume": batch["volume"], "input_ids": enc["input_ids"].astype(np.int64),
+    return {**_carried(batch), "input_ids": enc["input_ids"].astype(np.int64),
             "attention_mask": enc["attention_mask"].astype(np.int64)}
 
 
@@ -95,4 +67,9 @@ def tokenize_tasks(batch: dict, llm: str, n_image: int, max_len: int) -> dict:
     for i, (p, a) in enumerate(zip(batch["prompt"], batch["answer"])):
         x, y = encode_example(tok, n_image, max_len, str(p), str(a))
         ids[i, :len(x)], labels[i, :len(y)], att[i, :len(x)] = x, y, 1
-    return {"volume": batch["volume"], "input_ids": ids, "attention_mask": att, "labels": labels}
+    return {**_carried(batch), "input_ids": ids, "attention_mask": att, "labels": labels}
+
+
+def _carried(batch: dict) -> dict:
+    """What a tokenised batch keeps of its input: the volume and its augmentation parameters."""
+    return {k: batch[k] for k in ("volume", "augment") if k in batch}

@@ -143,7 +143,8 @@ class CLIPModel(nn.Module):
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     # ------------------------------------------------------------ save / load
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state: dict | None = None) -> None:
+        """`state`: the tensors to write instead of `state_dict()` (a ZeRO-3 export gathers them module by module)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -151,7 +152,8 @@ class CLIPModel(nn.Module):
         write_meta(path, CLIP, asdict(self.cfg), self.data)
         self.text.config.save_pretrained(path / "text")
         self.tokenizer.save_pretrained(path / "text")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path / "model.safetensors")
+        state = state if state is not None else self.state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path / "model.safetensors")
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "CLIPModel":

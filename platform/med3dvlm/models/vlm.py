@@ -197,7 +197,8 @@ class VLM(nn.Module):
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     # ------------------------------------------------------------ save / load
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state: dict | None = None) -> None:
+        """`state`: the tensors to write instead of `state_dict()` (a ZeRO-3 export gathers them module by module)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -206,8 +207,8 @@ class VLM(nn.Module):
         base = self.llm.get_base_model() if self.lora else self.llm
         base.config.save_pretrained(path / "llm")
         self.tokenizer.save_pretrained(path / "tokenizer")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, path / "model.safetensors")
+        state = state if state is not None else self.state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path / "model.safetensors")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, parts: tuple[str, ...] = PARTS) -> "VLM":

@@ -31,16 +31,19 @@ def count_validation(cfg, shards: str) -> int:
 
 def build_dataset(cfg, stage: int, shards: str, split: str = "train", training: bool = True):
     """A stage's samples from one split; training data is subset (`max_train_volumes`) and augmented, validation not."""
-    from med3dvlm.data.samples import as_float, augment, task_rows, tokenize_reports, tokenize_tasks
+    from med3dvlm.data.samples import task_rows, tokenize_reports, tokenize_tasks
+    from med3dvlm.train.augment import augment_params
 
     cols = ["volume_id", "volume", "report"] + (["qa"] if stage > 1 else [])
     ds = read_shards(shards, split=split, split_field=cfg.train.split_field, columns=cols)
     if training and cfg.train.max_train_volumes > 0:
         ds = ds.limit(cfg.train.max_train_volumes)
-    aug = augment if training and cfg.train.augment else as_float
+    if stage > 1:
+        ds = ds.flat_map(task_rows, fn_kwargs={"stage": stage, "qa_splits": qa_splits(cfg, stage)})
+    if training and cfg.train.augment:  # parameters only: the train worker applies them (train.augment)
+        ds = ds.map_batches(augment_params, batch_size=32)
     if stage == 1:
-        return ds.map_batches(aug, batch_size=8).map_batches(tokenize_reports, batch_size=16, fn_kwargs={
+        return ds.map_batches(tokenize_reports, batch_size=16, fn_kwargs={
             "text_encoder": cfg.model.text_encoder, "max_len": cfg.model.text_max_len})
-    ds = ds.flat_map(task_rows, fn_kwargs={"stage": stage, "qa_splits": qa_splits(cfg, stage)})
-    return ds.map_batches(aug, batch_size=8).map_batches(tokenize_tasks, batch_size=32, fn_kwargs={
+    return ds.map_batches(tokenize_tasks, batch_size=32, fn_kwargs={
         "llm": cfg.model.llm, "n_image": cfg.model.image_tokens, "max_len": cfg.model.max_len})

@@ -90,20 +90,35 @@ def _stub_deepspeed_jit() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-def export_model(engine, model, out: str, zero_stage: int) -> None:
-    """Rank 0 writes a from_pretrained directory; under ZeRO-3 every rank takes part in gathering the weights."""
+def gathered_state(model) -> dict:
+    """The full state dict of a ZeRO-3 model, gathered one module at a time (every rank takes part): the peak is
+    one module's parameters, never the whole model. Rank 0 gets CPU copies; the other ranks an empty dict."""
     import deepspeed
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if zero_stage == 3:
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+    keys, state = set(model.state_dict()), {}
+    for name, module in model.named_modules():
+        params = list(module.named_parameters(prefix=name, recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
             if rank == 0:
-                with storage.staged(out) as d:
-                    model.save_pretrained(d)
-    elif rank == 0:
+                state.update({k: p.detach().cpu().clone() for k, p in params if k in keys})
+    if rank == 0:  # buffers (BatchNorm statistics) are never partitioned
+        state.update({k: b.detach().cpu().clone() for k, b in model.named_buffers() if k in keys})
+    return state
+
+
+def export_model(engine, model, out: str, zero_stage: int) -> None:
+    """Rank 0 writes a from_pretrained directory; under ZeRO-3 every rank takes part in gathering the weights."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    state = gathered_state(model) if zero_stage == 3 else None
+    if rank == 0:
         with storage.staged(out) as d:
-            model.save_pretrained(d)
+            model.save_pretrained(d, state=state)
     if dist.is_initialized():
         dist.barrier()
 
@@ -219,9 +234,11 @@ def _batches(cfg: Config, stage: int, epoch: int, rank: int):
 
 
 def train_step(engine, cfg: Config, batch: dict, keys: list[str], device) -> torch.Tensor:
+    from med3dvlm.train.augment import apply_augment
+
     use_gpu = cfg.train.use_gpu
     inputs = {k: batch[k].to(device) for k in keys}
-    inputs["volume"] = inputs["volume"].float().unsqueeze(1)
+    inputs["volume"] = apply_augment(inputs["volume"], batch.get("augment"))  # uint8 -> float on the device
     if use_gpu:
         inputs["volume"] = inputs["volume"].contiguous(memory_format=torch.channels_last_3d)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(use_gpu and cfg.train.bf16)):
@@ -296,12 +313,13 @@ def validate_stage1(model, device) -> dict:
     import ray.train
 
     from med3dvlm.eval.retrieval import retrieval_metrics
+    from med3dvlm.train.augment import apply_augment
 
     was = model.training
     model.eval()
     imgs, txts = [], []
     for b in ray.train.get_dataset_shard("validation").iter_torch_batches(batch_size=16):
-        imgs.append(model.encode_image(b["volume"].to(device).float().unsqueeze(1)).float())
+        imgs.append(model.encode_image(apply_augment(b["volume"].to(device), None)).float())
         txts.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)).float())
     model.train(was)
     img, txt = torch.cat(imgs), torch.cat(txts)
