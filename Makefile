@@ -32,7 +32,7 @@ demo: setup
 	$(PY) -m pipelines.demo
 
 test: setup
-	set -o pipefail; timeout 1500 $(PY) -m pytest tests 2>&1 | tee .venv/last-test.log
+	set -o pipefail; timeout 3600 $(PY) -m pytest tests 2>&1 | tee .venv/last-test.log
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not ray"

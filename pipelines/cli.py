@@ -14,6 +14,14 @@ COMMANDS = {"make-synthetic": "pipelines.make_synthetic", "preprocess": "pipelin
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--version":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"med3dvlm {version('med3dvlm')}")
+        except PackageNotFoundError:
+            print("med3dvlm (not installed; run from a checkout)")
+        sys.exit(0)
     if not argv or argv[0] not in COMMANDS:
         print(__doc__.strip() + "\n\ncommands: " + ", ".join(COMMANDS), file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)

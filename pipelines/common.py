@@ -10,11 +10,22 @@ from med3dvlm.runtime import user_config
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="tiny", help="preset (tiny, m3d, paper) or a YAML file")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. model.encoder=nano")
     return p
 
 
 def config_from_args(args) -> Config:
-    return user_config(args.config, args.overrides)
+    """The config the arguments name; with --print-config, print it and exit."""
+    cfg = user_config(args.config, args.overrides)
+    if getattr(args, "print_config", False):
+        import json
+        import sys
+
+        import yaml
+
+        print(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False), end="")
+        sys.exit(0)
+    return cfg

@@ -3,11 +3,12 @@
 import hashlib
 import hmac
 import io
+import json
 import time
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from med3dvlm.eval.vqa import first_choice
@@ -91,20 +92,40 @@ class Api:
         if err:
             raise HTTPException(422, err)
 
-    async def _generate(self, item: dict, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                        timings: dict) -> str:
+    async def _generate(self, item: dict, prompt: str, decoding: dict, timings: dict) -> str:
+        tokens = await self._encode(item, timings)
+        t = time.perf_counter()
+        text = await self.gen.generate.remote({"tokens": tokens, "prompt": prompt, **decoding})
+        timings["generate_s"] = round(time.perf_counter() - t, 4)
+        if isinstance(text, dict):
+            raise HTTPException(422, f"cannot answer this request: {text['error']}")
+        return text
+
+    async def _encode(self, item: dict, timings: dict):
         t = time.perf_counter()
         tokens = await self.enc.encode.remote(item["volume"])
         timings["encode_s"] = round(time.perf_counter() - t, 4)
         if isinstance(tokens, dict):
             raise HTTPException(422, f"cannot encode this volume: {tokens['error']}")
-        t = time.perf_counter()
-        text = await self.gen.generate.remote({"tokens": tokens, "prompt": prompt, "max_new_tokens": max_new_tokens,
-                                               "temperature": temperature, "top_p": top_p})
-        timings["generate_s"] = round(time.perf_counter() - t, 4)
-        if isinstance(text, dict):
-            raise HTTPException(422, f"cannot answer this request: {text['error']}")
-        return text
+        return tokens
+
+    def _sse(self, tokens, prompt: str, decoding: dict, timings: dict, t0: float, finish) -> StreamingResponse:
+        """Server-Sent Events: `data: {"text": piece}` per decoded piece, then `event: done` with the whole answer,
+        the timings (time to first token included) and what `finish(answer)` adds (the choice letter)."""
+        gen = self.gen.options(stream=True).stream.remote({"tokens": tokens, "prompt": prompt, **decoding})
+
+        async def events():
+            pieces = []
+            async for piece in gen:
+                if not pieces:
+                    timings["first_token_s"] = round(time.perf_counter() - t0, 4)
+                pieces.append(piece)
+                yield f"data: {json.dumps({'text': piece})}\n\n"
+            timings["total_s"] = round(time.perf_counter() - t0, 4)
+            answer = "".join(pieces).strip()
+            yield f"event: done\ndata: {json.dumps({**finish(answer), 'timings': timings})}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # -------------------------------------------------------------- endpoints
     @api.get("/healthz")
@@ -142,17 +163,22 @@ class Api:
     async def report(self, request: Request, file: UploadFile | None = File(None), volume_id: str | None = Form(None),
                      prompt: str = Form("Describe the findings of this CT scan.", max_length=MAX_PROMPT_CHARS),
                      max_new_tokens: int = Form(256, ge=1, le=MAX_NEW_TOKENS),
-                     temperature: float = Form(0.0, ge=0.0, le=2.0), top_p: float = Form(1.0, gt=0.0, le=1.0)) -> dict:
+                     temperature: float = Form(0.0, ge=0.0, le=2.0), top_p: float = Form(1.0, gt=0.0, le=1.0),
+                     stream: bool = Form(False, description="answer with Server-Sent Events, a piece at a time")):
         self._auth(request)
         if not prompt.strip():
             raise HTTPException(400, "empty prompt")
         t0 = time.perf_counter()
         await self._check_request(question_prompt(prompt), max_new_tokens, temperature)
         vid, item, timings = await self._volume(file, volume_id)
-        text = await self._generate(item, question_prompt(prompt), max_new_tokens, temperature, top_p, timings)
+        decoding = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+        if stream:
+            return self._sse(await self._encode(item, timings), question_prompt(prompt), decoding, timings, t0,
+                             lambda text: {"volume_id": vid, "report": text, "decoding": decoding})
+        text = await self._generate(item, question_prompt(prompt), decoding, timings)
         timings["total_s"] = round(time.perf_counter() - t0, 4)
         return {"volume_id": vid, "report": text, "preprocessing": item["info"], "timings": timings,
-                "decoding": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}}
+                "decoding": decoding}
 
     @api.post("/v1/vqa", summary="Answer a question about a volume (closed-ended when choices A-D are given)")
     async def vqa(self, request: Request, question: str = Form(..., max_length=MAX_PROMPT_CHARS),
@@ -162,7 +188,8 @@ class Api:
                   choice_c: str | None = Form(None, max_length=MAX_CHOICE_CHARS),
                   choice_d: str | None = Form(None, max_length=MAX_CHOICE_CHARS),
                   max_new_tokens: int = Form(64, ge=1, le=MAX_NEW_TOKENS),
-                  temperature: float = Form(0.0, ge=0.0, le=2.0), top_p: float = Form(1.0, gt=0.0, le=1.0)) -> dict:
+                  temperature: float = Form(0.0, ge=0.0, le=2.0), top_p: float = Form(1.0, gt=0.0, le=1.0),
+                  stream: bool = Form(False, description="answer with Server-Sent Events, a piece at a time")):
         self._auth(request)
         if not question.strip():
             raise HTTPException(400, "empty question")
@@ -173,12 +200,19 @@ class Api:
         prompt = question_prompt(question, choices)
         await self._check_request(prompt, max_new_tokens, temperature)
         vid, item, timings = await self._volume(file, volume_id)
-        text = await self._generate(item, prompt, max_new_tokens, temperature, top_p, timings)
+
+        def finish(text: str) -> dict:
+            letter = first_choice(text, ignore_case=True) if choices else None
+            letter = letter if letter in choices else None
+            return {"volume_id": vid, "question": question.strip(), "answer": text, "choice": letter,
+                    "choice_text": choices.get(letter) if letter else None}
+
+        decoding = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+        if stream:
+            return self._sse(await self._encode(item, timings), prompt, decoding, timings, t0, finish)
+        text = await self._generate(item, prompt, decoding, timings)
         timings["total_s"] = round(time.perf_counter() - t0, 4)
-        letter = first_choice(text, ignore_case=True) if choices else None
-        letter = letter if letter in choices else None
-        return {"volume_id": vid, "question": question.strip(), "answer": text, "choice": letter,
-                "choice_text": choices.get(letter) if letter else None, "timings": timings}
+        return {**finish(text), "timings": timings}
 
     @api.post("/v1/retrieve", summary="Text -> the k most similar indexed volumes; volume -> the k most similar reports")
     async def retrieve(self, request: Request, text: str | None = Form(None, max_length=5000),

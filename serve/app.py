@@ -12,6 +12,7 @@ DeploymentHandles. Arguments (`key=value` after the import path, or `args:` in Y
                    the export records its training data)
     max_upload_mb  upload limit (256)                          cache_size     volumes kept for follow-up questions (64)
     device         cpu | cuda (cpu)                            index_split    only this split in the index (all)
+    dtype          the Encoder's and Generator's weights: float32 (default) | bfloat16 | float16 (on a GPU)
     replica_cpus   CPUs per replica for every deployment (default: each deployment's own)
     gpus_per_replica  GPUs for each Encoder and Generator replica when device=cuda (1)
     replicas       a fixed number of Encoder and Generator replicas instead of autoscaling
@@ -24,7 +25,9 @@ from ray import serve
 from serve.api import Api
 from serve.deployments import Encoder, Generator, Preprocessor, Retriever, VolumeCache
 
-__all__ = ["build_app", "Api", "Encoder", "Generator", "Preprocessor", "Retriever", "VolumeCache"]
+__all__ = ["build_app", "APP_ARGS", "Api", "Encoder", "Generator", "Preprocessor", "Retriever", "VolumeCache"]
+APP_ARGS = {"model", "clip", "index", "index_split", "index_split_field", "config", "token", "max_upload_mb",
+            "cache_size", "device", "dtype", "replica_cpus", "gpus_per_replica", "replicas"}
 
 
 def data_settings(meta: dict, config: str | None) -> dict:
@@ -44,6 +47,9 @@ def build_app(args: dict) -> serve.Application:
     from med3dvlm.runtime import apply_env_defaults
 
     apply_env_defaults()
+    unknown = sorted(set(args) - APP_ARGS)
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)}; the app takes {', '.join(sorted(APP_ARGS))}")
     model = args.get("model")
     if not model:
         raise ValueError("model=DIR: give a stage-2/3 export directory or URI")
@@ -56,7 +62,9 @@ def build_app(args: dict) -> serve.Application:
         read_meta(clip, CLIP)
     max_bytes = int(float(args.get("max_upload_mb", 256)) * (1 << 20))
     token = args.get("token") or os.environ.get("MED3DVLM_SERVE_TOKEN") or None
-    device = args.get("device", "cpu")
+    device, dtype = args.get("device", "cpu"), args.get("dtype")
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={dtype}: float32, bfloat16 or float16")
     cpus = args.get("replica_cpus")  # one CPU figure for every deployment (small machines, tests)
     gpus = float(args.get("gpus_per_replica", 1)) if device.startswith("cuda") else 0
     fixed = args.get("replicas")  # a fixed replica count for Encoder and Generator (benchmarks), no autoscaling
@@ -73,5 +81,5 @@ def build_app(args: dict) -> serve.Application:
     retriever = opt(Retriever).bind(clip, index, args.get("index_split"), args.get("index_split_field", "split")) \
         if clip else None
     pre = opt(Preprocessor).bind(meta["input_shape"], data_settings(meta, args.get("config")), max_bytes)
-    return opt(Api).bind(pre, opt(Encoder, True).bind(model, device), opt(Generator, True).bind(model, device),
+    return opt(Api).bind(pre, opt(Encoder, True).bind(model, device, dtype), opt(Generator, True).bind(model, device, dtype),
                          retriever, opt(VolumeCache).bind(int(args.get("cache_size", 64))), token, max_bytes, info)

@@ -63,14 +63,14 @@ def _threads():
 class Encoder:
     """DCFormer + projector of the served VLM: volumes -> image tokens, batched across requests."""
 
-    def __init__(self, model_dir: str, device: str = "cpu"):
+    def __init__(self, model_dir: str, device: str = "cpu", dtype: str | None = None):
         import torch
 
         from med3dvlm.models.vlm import VLM
 
         _threads()
-        self.device = torch.device(device)
-        self.vlm = VLM.from_pretrained(model_dir, parts=("vision",)).to(self.device).eval()  # never builds the LLM
+        self.device, self.dtype = torch.device(device), getattr(torch, dtype or "float32")
+        self.vlm = VLM.from_pretrained(model_dir, parts=("vision",), dtype=self.dtype).to(self.device).eval()
         self.batch_sizes: list[int] = []
 
     def encode_now(self, volumes: list[np.ndarray]) -> list[np.ndarray]:
@@ -79,7 +79,7 @@ class Encoder:
         from med3dvlm.data.transform import to_float
 
         with torch.no_grad():
-            x = to_float(np.stack(volumes)).unsqueeze(1).to(self.device)
+            x = to_float(np.stack(volumes)).unsqueeze(1).to(self.device, self.dtype)
             return list(self.vlm.encode_images(x).float().cpu().numpy())
 
     @serve.batch(max_batch_size=BATCH, batch_wait_timeout_s=0.02)
@@ -99,14 +99,15 @@ class Encoder:
 class Generator:
     """The LLM of the served VLM: image tokens + prompt -> text, batched (requests with equal decoding options)."""
 
-    def __init__(self, model_dir: str, device: str = "cpu"):
+    def __init__(self, model_dir: str, device: str = "cpu", dtype: str | None = None):
         import torch
 
         from med3dvlm.models.vlm import VLM
 
         _threads()
-        self.device = torch.device(device)
-        self.vlm = VLM.from_pretrained(model_dir, parts=("llm",)).to(self.device).eval()  # the Encoder runs the vision
+        self.device, self.dtype = torch.device(device), getattr(torch, dtype or "float32")
+        self.vlm = VLM.from_pretrained(model_dir, parts=("llm",), dtype=self.dtype).to(self.device).eval()
+        self.streams = {"active": 0, "stopped_early": 0}
 
     def prompt_error(self, prompt: str, max_new_tokens: int) -> str | None:
         """Why the model cannot take this prompt (too long once the image tokens are added), or None."""
@@ -120,13 +121,50 @@ class Generator:
                     f"the model's {room} positions")
         return None
 
+    async def stream(self, req: dict):
+        """The decoded pieces of one request's answer as the LLM produces them. When the caller goes away (the HTTP
+        client disconnected), the generator is closed and the generation stops at its next token."""
+        import asyncio
+        import threading
+
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        stop = threading.Event()
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        streamer = TextIteratorStreamer(self.vlm.tokenizer, skip_special_tokens=True)
+        kw = {"do_sample": True, "temperature": req["temperature"], "top_p": req["top_p"]} if req["temperature"] > 0 else {}
+        feats = torch.from_numpy(np.asarray(req["tokens"])[None]).to(self.device, self.dtype)
+        worker = threading.Thread(target=self.vlm.generate_from_features, daemon=True, args=(
+            feats, [req["prompt"]], req["max_new_tokens"]),
+            kwargs={**kw, "streamer": streamer, "stopping_criteria": StoppingCriteriaList([Stop()])})
+        self.streams["active"] += 1
+        worker.start()
+        try:
+            loop = asyncio.get_running_loop()
+            while (piece := await loop.run_in_executor(None, next, streamer, None)) is not None:
+                if piece:
+                    yield piece
+        finally:
+            self.streams["stopped_early"] += int(worker.is_alive())
+            stop.set()
+            self.streams["active"] -= 1
+
+    def stream_stats(self) -> dict:
+        """This replica's streams: open now, and closed by their caller before the answer ended."""
+        return {**self.streams, "replica": serve.get_replica_context().replica_id.unique_id}
+
     def generate_now(self, reqs: list[dict]) -> list[str]:
         """One `generate` call for requests with the same decoding options."""
         import torch
 
         r0 = reqs[0]
         kw = {"do_sample": True, "temperature": r0["temperature"], "top_p": r0["top_p"]} if r0["temperature"] > 0 else {}
-        feats = torch.from_numpy(np.stack([r["tokens"] for r in reqs])).to(self.device)
+        feats = torch.from_numpy(np.stack([r["tokens"] for r in reqs])).to(self.device, self.dtype)
         return self.vlm.generate_from_features(feats, [r["prompt"] for r in reqs], r0["max_new_tokens"], **kw)
 
     @serve.batch(max_batch_size=BATCH, batch_wait_timeout_s=0.02)

@@ -74,6 +74,9 @@ def _check_serve_app(app: dict, gpus: float) -> None:
                 assert d["max_ongoing_requests"] >= 8
         need += d.get("ray_actor_options", {}).get("num_gpus", 0) * (auto or {}).get("min_replicas", 1)
     assert need <= gpus
+    from serve.app import APP_ARGS
+
+    assert set(app["args"]) <= APP_ARGS, set(app["args"]) - APP_ARGS  # every argument is one build_app takes
     if "config" in app["args"]:  # optional: an export records its own preprocessing settings
         assert load_config(app["args"]["config"])
 

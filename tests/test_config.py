@@ -49,3 +49,25 @@ def test_console_script_dispatches_to_the_pipelines(tmp_path):
     assert e.value.code == 2
     main(["make-synthetic", "--out", str(tmp_path / "m3d"), "--cases", "2"])
     assert (tmp_path / "m3d" / "M3D_Cap.json").is_file()
+
+
+def test_an_unknown_key_gets_a_suggestion():
+    with pytest.raises(ValueError, match="did you mean 'train.stage1.lr'"):
+        load_config("tiny", ["train.lr=1e-4"])
+    with pytest.raises(ValueError, match="did you mean 'model.encoder'"):
+        load_config("tiny", ["model.encodr=nano"])
+
+
+def test_entry_points_show_defaults_print_the_config_and_a_version(capsys):
+    from pipelines.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0 and "(default: tiny)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--stage", "1", "--shards", "s", "--out", "o", "--print-config", "model.encoder=small"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "encoder: small" in out and "name: tiny" in out
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("med3dvlm ")

@@ -2,7 +2,6 @@
 shards, removing one only its shard), a driver killed mid-run resumes to a byte-identical result, the training
 augmentation keeps its transforms and probabilities, and the ZeRO-3 export gathers module by module."""
 
-import json
 import os
 import shutil
 import signal
@@ -12,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from med3dvlm.config import load_config

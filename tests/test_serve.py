@@ -1,6 +1,7 @@
 """The Ray Serve app over real HTTP on 127.0.0.1, serving the tiny models trained by the `chain` fixture."""
 
 import concurrent.futures as cf
+import json
 import time
 
 import numpy as np
@@ -203,6 +204,61 @@ def test_one_bad_request_never_fails_its_batch_neighbours(served):
     assert all(c == 422 for i, c in codes.items() if i % 3 == 0) and all(c == 200 for i, c in codes.items() if i % 3)
 
 
+def _events(resp) -> list[tuple[str, dict]]:
+    """(event name, data) of a Server-Sent Events body."""
+    out = []
+    for block in resp.text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        out.append((lines.get("event", "message"), json.loads(lines["data"])))
+    return out
+
+
+def test_streamed_report_and_answer_equal_the_whole_greedy_ones(served):
+    vid = post(served, "/v1/upload", files={"file": ("s.npy", npy_bytes(volume(seed=5)))}).json()["volume_id"]
+    for path, form, key in (("/v1/report", {"volume_id": vid, "max_new_tokens": 12}, "report"),
+                            ("/v1/vqa", {"volume_id": vid, "question": "Which organ?", "choice_a": "Liver",
+                                         "choice_b": "Spleen", "max_new_tokens": 6}, "answer")):
+        whole = post(served, path, data=form).json()
+        r = post(served, path, data={**form, "stream": "true"})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+        ev = _events(r)
+        assert ev[-1][0] == "done" and all(name == "message" for name, _ in ev[:-1])
+        streamed = "".join(d["text"] for _, d in ev[:-1]).strip()
+        assert streamed == whole[key] == ev[-1][1][key]
+        t = ev[-1][1]["timings"]
+        assert 0 < t.get("first_token_s", t["total_s"]) <= t["total_s"]
+        if path == "/v1/vqa":
+            assert ev[-1][1]["choice"] == whole["choice"]
+
+
+def test_a_client_that_disconnects_stops_its_generation(served):
+    from ray import serve
+
+    gen = serve.get_deployment_handle("Generator", app_name="med")
+
+    def stats() -> dict:  # replica -> its stream counters (calls land on any replica of an autoscaled deployment)
+        out = {}
+        for _ in range(12):
+            s = gen.stream_stats.remote().result()
+            out[s["replica"]] = s
+        return out
+
+    before = {r: s["stopped_early"] for r, s in stats().items()}
+    vid = post(served, "/v1/upload", files={"file": ("s.npy", npy_bytes(volume(seed=6)))}).json()["volume_id"]
+    with requests.post(served + "/v1/report", data={"volume_id": vid, "max_new_tokens": 400, "stream": "true"},
+                       headers=auth(), stream=True, timeout=120) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first piece arrived; then the client goes away
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        now = stats()
+        stopped = any(s["stopped_early"] > before.get(r, 0) for r, s in now.items())
+        if stopped and all(s["active"] == 0 for s in now.values()):
+            break
+        time.sleep(0.5)
+    assert stopped and all(s["active"] == 0 for s in now.values()), now
+
+
 def test_batched_encoder_equals_unbatched(served):
 
     from ray import serve
@@ -244,8 +300,9 @@ def test_web_page_uploads_a_volume_and_shows_a_report(served, tmp_path):
         drv.find_element(By.ID, "max_tokens").clear()
         drv.find_element(By.ID, "max_tokens").send_keys("8")
         drv.find_element(By.ID, "report").click()
-        WebDriverWait(drv, 120).until(lambda d: d.find_element(By.ID, "report_out").text not in ("", "generating..."))
+        # the report streams in piece by piece; the finished one ends with its timing
+        WebDriverWait(drv, 120).until(lambda d: d.find_element(By.ID, "report_out").text.rstrip().endswith(" s]"))
         text = drv.find_element(By.ID, "report_out").text
-        assert text.rstrip().endswith(" s]") and not text.startswith(("4", "5")), text  # a report and its timing
+        assert not text.startswith(("4", "5")), text  # a report, not an error status
     finally:
         drv.quit()

@@ -209,13 +209,31 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    out = []
+    for k, tp in get_type_hints(cls).items():
+        key = f"{prefix}.{k}" if prefix else k
+        out += _all_keys(tp, key) if dataclasses.is_dataclass(tp) else [key]
+    return out
+
+
+def _suggest(cls, k: str, prefix: str) -> str:
+    """'; did you mean ...' from the keys at this level and, for a misplaced key, anywhere in the config."""
+    import difflib
+
+    here = [f"{prefix}.{n}" if prefix else n for n in get_type_hints(cls)]
+    anywhere = [key for key in _all_keys(Config) if key.rsplit(".", 1)[-1] == k]
+    close = anywhere or difflib.get_close_matches(f"{prefix}.{k}" if prefix else k, here, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
 def _from_dict(cls, data: dict, prefix: str = "", base=None):
     obj = copy.deepcopy(base) if base is not None else cls()
     hints = get_type_hints(cls)
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else k
         if k not in hints:
-            raise ValueError(f"unknown config key '{key}'")
+            raise ValueError(f"unknown config key '{key}'{_suggest(cls, k, prefix)}")
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur) and isinstance(v, dict):
             setattr(obj, k, _from_dict(type(cur), v, key, base=cur))
