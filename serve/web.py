@@ -1,5 +1,4 @@
-"""The web page served at `/`: upload a volume, browse axial/coronal/sagittal slices, request a report (streamed as it is
-generated), ask a question.
+"""The web page served at `/`: upload a volume, browse axial/coronal/sagittal slices, request a report, ask a question.
 Plain HTML + fetch; the bearer token (when the service has one) is typed into the page and sent as a header."""
 
 PAGE = """<!doctype html>
@@ -41,27 +40,6 @@ async function call(path, form){
   if (!r.ok) throw new Error(r.status + ": " + (typeof j.detail === "string" ? j.detail : JSON.stringify(j.detail)));
   return j;
 }
-async function streamed(path, form, out){
-  // Server-Sent Events: each `data: {"text": ...}` is shown as it arrives; `event: done` carries the whole answer
-  form.append("stream", "true");
-  const r = await fetch(path, {method: "POST", headers: headers(), body: form});
-  if (!r.ok) { const j = await r.json().catch(() => ({detail: r.statusText}));
-    throw new Error(r.status + ": " + (typeof j.detail === "string" ? j.detail : JSON.stringify(j.detail))); }
-  const reader = r.body.getReader(), dec = new TextDecoder();
-  let buf = "", text = "";
-  for (;;) {
-    const {value, done} = await reader.read(); if (done) break;
-    buf += dec.decode(value, {stream: true});
-    let i;
-    while ((i = buf.indexOf("\n\n")) >= 0) {
-      const ev = buf.slice(0, i); buf = buf.slice(i + 2);
-      const data = JSON.parse(ev.slice(ev.indexOf("data: ") + 6));
-      if (ev.startsWith("event: done")) return data;
-      text += data.text; out.textContent = text;
-    }
-  }
-  throw new Error("the stream ended without an answer");
-}
 async function show(axis){
   const i = $("s" + axis).value;
   const r = await fetch(`v1/volumes/${vid}/slice/${axis}/${i}`, {headers: headers()});
@@ -83,7 +61,7 @@ $("upload").onclick = async () => {
 $("report").onclick = async () => {
   const fd = new FormData(); fd.append("volume_id", vid); fd.append("max_new_tokens", $("max_tokens").value);
   $("report_out").textContent = "generating...";
-  try { const j = await streamed("v1/report", fd, $("report_out"));
+  try { const j = await call("v1/report", fd);
         $("report_out").textContent = (j.report || "(empty report)") + `\n\n[${j.timings.total_s} s]`; }
   catch (e) { $("report_out").textContent = e.message; }
 };
