@@ -24,7 +24,6 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -U pip
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	$(PY) -m med3dvlm.eval.nltk_data
 	@rm -f .venv/.stamp-*; touch $(STAMP)
 

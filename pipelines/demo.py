@@ -15,12 +15,10 @@ def main(argv=None):
     from med3dvlm.demo import run_demo
 
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--out", default="out/demo")
-    p.add_argument("--cases", type=int, default=100)
-    p.add_argument("--shuffle-choices", action="store_true",
-                   help="shuffle closed-VQA choices as M3D does (default: a fixed order per question type)")
+    p.add_argument("--out", default="out/demo", help="where the data, checkpoints and evaluations go")
+    p.add_argument("--cases", type=int, default=100, help="synthetic patients")
     args = p.parse_args(argv)
-    return run_demo(config_from_args(args), args.out, args.cases, args.shuffle_choices)
+    return run_demo(config_from_args(args), args.out, args.cases)
 
 
 if __name__ == "__main__":

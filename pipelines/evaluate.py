@@ -19,10 +19,13 @@ from pipelines.common import run_main
 def arg_parser() -> argparse.ArgumentParser:
     from med3dvlm.eval.runner import KIND_FOR_TASK, RETRIEVAL_N
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", required=True, choices=list(KIND_FOR_TASK))
-    p.add_argument("--model", required=True, help="an exported model: path or URI (stage 1 for retrieval, 2/3 otherwise)")
-    p.add_argument("--shards", required=True, help="preprocessed shards: a path or a URI (s3://bucket/shards)")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, help="a YAML file of these settings (keys as the flags, with _ for -)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings (YAML) and exit")
+    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. max_new_tokens=96 (flags win)")
+    p.add_argument("--task", default=None, choices=list(KIND_FOR_TASK), help="what to evaluate (required)")
+    p.add_argument("--model", default=None, help="an exported model: path or URI (stage 1 for retrieval, 2/3 otherwise)")
+    p.add_argument("--shards", default=None, help="preprocessed shards: a path or a URI (s3://bucket/shards)")
     p.add_argument("--out", default=None, help="a path or URI; default: <model>/eval-<task>")
     p.add_argument("--split", default="test", help="split name, or several comma-separated (e.g. validation,test)")
     p.add_argument("--split-field", default="split", choices=["split", "case_split"],
@@ -32,14 +35,21 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="volumes per inference batch")
     p.add_argument("--gen-batch", type=int, default=16, help="prompts per generate() call")
     p.add_argument("--replicas", type=int, default=1, help="model actors in the Ray Data pool")
-    p.add_argument("--cpus-per-replica", type=float, default=1)
-    p.add_argument("--gpus-per-replica", type=float, default=0)
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--cpus-per-replica", type=float, default=1, help="CPUs (and torch threads) of each actor")
+    p.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs of each actor (> 0 runs on cuda)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="weights' dtype for generation (default: as exported)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit")
     p.add_argument("--sample", action="store_true", help="sample as the paper's scripts do (default: greedy)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample")
+    p.add_argument("--top-p", type=float, default=None, help="with --sample")
+    p.add_argument("--seed", type=int, default=42, help="sampling and report-prompt seed")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1: the reference)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="block repeated n-grams (0: off, the reference)")
+    p.add_argument("--shuffle-images", action="store_true",
+                   help="the shuffled-image control: pair each sample with another sample's volume")
+    p.add_argument("--baseline-split", default="train", help="report: the most common report of this split is the "
+                   "blind baseline")
     p.add_argument("--bertscore-model", default=None, help="local model dir for BERTScore (roberta-large -> layer 17, "
                    "as the benchmark); default: packaged MiniLM, labelled as not comparable")
     p.add_argument("--no-bertscore", action="store_true")
@@ -48,16 +58,10 @@ def arg_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv):
-    from med3dvlm.eval.runner import EvalConfig
-    from med3dvlm.runtime import UserError
+    from med3dvlm.eval.runner import eval_config
 
-    a = vars(arg_parser().parse_args(argv))
-    try:
-        a["n"] = tuple(int(x) for x in str(a["n"]).split(",") if x.strip())
-    except ValueError:
-        raise UserError(f"--n {a['n']}: expected comma-separated integers such as 100,500,1000,2000") from None
-    a["bertscore"] = not a.pop("no_bertscore")
-    return EvalConfig(**a)
+    p = arg_parser()
+    return eval_config(vars(p.parse_args(argv)), p.get_default)
 
 
 def main(argv=None):

@@ -7,7 +7,7 @@ import json
 import time
 
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 
@@ -21,8 +21,10 @@ MAX_CHOICE_CHARS = 500  # each of choice_a..choice_d
 MIN_TEMPERATURE = 0.05  # 0 is greedy; below this, sampling divides logits into inf/nan
 
 
-api = FastAPI(title="med3dvlm", version="1",
-              description="Report generation, VQA and retrieval for 3D CT with a Med3DVLM-style model.")
+api = FastAPI(title="med3dvlm", version="1", docs_url=None, redoc_url=None,
+              description="Report generation, VQA and retrieval for 3D CT with a Med3DVLM-style model. "
+                          "For research use only.")
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}  # served locally (offline)
 api.state.max_upload_bytes = 256 << 20  # set by the Api replica from its configuration
 
 
@@ -133,6 +135,25 @@ class Api:
         return {"status": "ok", "model": self.model_info, "retrieval": self.ret is not None,
                 "cached_volumes": await self.cache.count.remote()}
 
+    @api.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs(self) -> HTMLResponse:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="openapi.json", title="med3dvlm API",
+                                   swagger_js_url="docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="docs-assets/swagger-ui.css", swagger_favicon_url="")
+
+    @api.get("/docs-assets/{name}", include_in_schema=False)
+    def docs_asset(self, name: str) -> Response:
+        from pathlib import Path
+
+        from swagger_ui_bundle import swagger_ui_path
+
+        if name not in DOCS_ASSETS:
+            raise HTTPException(404, "no such asset")
+        return Response((Path(swagger_ui_path) / name).read_bytes(), media_type=DOCS_ASSETS[name],
+                        headers={"Cache-Control": "max-age=86400"})
+
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(self) -> str:
         from serve.web import PAGE
@@ -146,7 +167,9 @@ class Api:
         return {"volume_id": vid, "preprocessing": item["info"], "timings": timings}
 
     @api.get("/v1/volumes/{volume_id}/slice/{axis}/{index}", summary="One slice of an uploaded volume as PNG")
-    async def slice_png(self, request: Request, volume_id: str, axis: int, index: int) -> Response:
+    async def slice_png(self, request: Request, volume_id: str, axis: int, index: int,
+                        window: int = Query(255, ge=1, le=255, description="display window on the 0-255 input"),
+                        level: int = Query(128, ge=0, le=255, description="display level (window centre)")) -> Response:
         from PIL import Image
 
         self._auth(request)
@@ -155,6 +178,9 @@ class Api:
         if axis not in (0, 1, 2) or not 0 <= index < vol.shape[axis]:
             raise HTTPException(400, f"axis must be 0-2 and index within {list(vol.shape)}")
         sl = np.take(vol, index, axis=axis)
+        if window < 255 or level != 128:  # display only: the model always sees the whole range
+            lo = level - window / 2
+            sl = np.clip((sl.astype(np.float32) - lo) * (255.0 / window), 0, 255).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(sl)).save(buf, format="PNG")
         return Response(buf.getvalue(), media_type="image/png")

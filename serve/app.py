@@ -16,9 +16,11 @@ DeploymentHandles. Arguments (`key=value` after the import path, or `args:` in Y
     replica_cpus   CPUs per replica for every deployment (default: each deployment's own)
     gpus_per_replica  GPUs for each Encoder and Generator replica when device=cuda (1)
     replicas       a fixed number of Encoder and Generator replicas instead of autoscaling
+    upscale_delay_s / downscale_delay_s   the autoscaled deployments' delays (5 / 60 s)
 """
 
 import os
+import sys
 
 from ray import serve
 
@@ -27,7 +29,8 @@ from serve.deployments import Encoder, Generator, Preprocessor, Retriever, Volum
 
 __all__ = ["build_app", "APP_ARGS", "Api", "Encoder", "Generator", "Preprocessor", "Retriever", "VolumeCache"]
 APP_ARGS = {"model", "clip", "index", "index_split", "index_split_field", "config", "token", "max_upload_mb",
-            "cache_size", "device", "dtype", "replica_cpus", "gpus_per_replica", "replicas"}
+            "cache_size", "device", "dtype", "replica_cpus", "gpus_per_replica", "replicas", "upscale_delay_s",
+            "downscale_delay_s"}
 
 
 def data_settings(meta: dict, config: str | None) -> dict:
@@ -65,21 +68,77 @@ def build_app(args: dict) -> serve.Application:
     device, dtype = args.get("device", "cpu"), args.get("dtype")
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise ValueError(f"dtype={dtype}: float32, bfloat16 or float16")
-    cpus = args.get("replica_cpus")  # one CPU figure for every deployment (small machines, tests)
-    gpus = float(args.get("gpus_per_replica", 1)) if device.startswith("cuda") else 0
-    fixed = args.get("replicas")  # a fixed replica count for Encoder and Generator (benchmarks), no autoscaling
-
-    def opt(d, gpu: bool = False):
-        res = {"num_cpus": float(cpus)} if cpus is not None else {}
-        if gpu and gpus:
-            res["num_gpus"] = gpus
-        d = d.options(ray_actor_options={**d.ray_actor_options, **res}) if res else d
-        return d.options(num_replicas=int(fixed), autoscaling_config=None) if gpu and fixed else d
-
+    deps = {d.name: d for d in (Api, Preprocessor, Encoder, Generator, VolumeCache) + ((Retriever,) if clip else ())}
+    deps = place(deps, args, device, cluster_resources())
     info = {"path": str(model), "encoder": meta["model"]["encoder"], "input_shape": meta["input_shape"],
             "llm": meta["model"]["llm"], "lora": meta["lora"]}
-    retriever = opt(Retriever).bind(clip, index, args.get("index_split"), args.get("index_split_field", "split")) \
+    retriever = deps["Retriever"].bind(clip, index, args.get("index_split"), args.get("index_split_field", "split")) \
         if clip else None
-    pre = opt(Preprocessor).bind(meta["input_shape"], data_settings(meta, args.get("config")), max_bytes)
-    return opt(Api).bind(pre, opt(Encoder, True).bind(model, device, dtype), opt(Generator, True).bind(model, device, dtype),
-                         retriever, opt(VolumeCache).bind(int(args.get("cache_size", 64))), token, max_bytes, info)
+    pre = deps["Preprocessor"].bind(meta["input_shape"], data_settings(meta, args.get("config")), max_bytes)
+    return deps["Api"].bind(pre, deps["Encoder"].bind(model, device, dtype), deps["Generator"].bind(model, device, dtype),
+                            retriever, deps["VolumeCache"].bind(int(args.get("cache_size", 64))), token, max_bytes, info)
+
+
+def cluster_resources() -> dict | None:
+    """Where the replicas will run: the Ray this process is attached to, or the local Ray that `serve run` starts
+    (this machine's cores and GPUs); None for a cluster `serve run` attaches to later (its autoscaler decides)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def min_replicas(d) -> int:
+    auto = d._deployment_config.autoscaling_config
+    return int(auto.min_replicas) if auto else int(d.num_replicas or 1)
+
+
+def place(deps: dict, args: dict, device: str, cluster: dict | None) -> dict:
+    """Each deployment with its CPUs (`replica_cpus`, else its own, scaled down to fit the cluster when the minimum
+    replicas would not), its GPUs (Encoder and Generator on cuda; refused when the cluster has too few) and
+    `replicas=N` (a fixed count for Encoder and Generator)."""
+    gpus = float(args.get("gpus_per_replica", 1)) if device.startswith("cuda") else 0
+    on_gpu, fixed = ("Encoder", "Generator"), args.get("replicas")
+    if fixed:
+        deps.update({k: deps[k].options(num_replicas=int(fixed), autoscaling_config=None) for k in on_gpu})
+    delays = {k: float(args[k]) for k in ("upscale_delay_s", "downscale_delay_s") if args.get(k) is not None}
+    for k, d in deps.items():
+        auto = d._deployment_config.autoscaling_config
+        if delays and auto:
+            deps[k] = d.options(autoscaling_config={**auto.model_dump(exclude_unset=True), **delays})
+    cpus = {k: float(args.get("replica_cpus") or d.ray_actor_options.get("num_cpus", 1)) for k, d in deps.items()}
+    if cluster is not None:
+        check_gpus({k: min_replicas(deps[k]) * gpus for k in on_gpu}, cluster.get("GPU", 0))
+        if args.get("replica_cpus") is None:
+            cpus = fit_cpus(cpus, {k: min_replicas(d) for k, d in deps.items()}, cluster.get("CPU", 0))
+    return {k: d.options(ray_actor_options={**d.ray_actor_options, "num_cpus": cpus[k],
+                                            **({"num_gpus": gpus} if gpus and k in on_gpu else {})})
+            for k, d in deps.items()}
+
+
+def check_gpus(need: dict, have: float) -> None:
+    if sum(need.values()) > have + 1e-9:
+        parts = " + ".join(f"{k} {v:g}" for k, v in need.items())
+        raise ValueError(f"device=cuda needs {sum(need.values()):g} GPUs for the minimum replicas ({parts}); the "
+                         f"cluster has {have:g}: pass gpus_per_replica={have / len(need):g} (or device=cpu)")
+
+
+def fit_cpus(cpus: dict, replicas: dict, have: float) -> dict:
+    """Scale every deployment's CPUs by one factor when its minimum replicas ask more than the cluster has."""
+    need = sum(cpus[k] * replicas[k] for k in cpus)
+    if need <= have:
+        return cpus
+    scale = have / need
+    if scale * min(cpus.values()) < 0.01:
+        raise ValueError(f"the minimum replicas ask {need:g} CPUs and the cluster has {have:g}: too few to share; "
+                         f"pass replica_cpus=... or attach to a larger cluster (RAY_ADDRESS)")
+    fitted = {k: int(v * scale * 100) / 100 for k, v in cpus.items()}
+    print(f"med3dvlm: the minimum replicas ask {need:g} CPUs, the cluster has {have:g}: each deployment's CPUs are "
+          f"scaled by {scale:.2f} (" + ", ".join(f"{k} {v:g}" for k, v in fitted.items()) + "); replica_cpus=N sets "
+          "them", file=sys.stderr, flush=True)
+    return fitted

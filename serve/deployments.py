@@ -70,7 +70,7 @@ class Encoder:
 
         _threads()
         self.device, self.dtype = torch.device(device), getattr(torch, dtype or "float32")
-        self.vlm = VLM.from_pretrained(model_dir, parts=("vision",), dtype=self.dtype).to(self.device).eval()
+        self.vlm = VLM.from_pretrained(model_dir, parts=("vision",), dtype=self.dtype, device=self.device).eval()
         self.batch_sizes: list[int] = []
 
     def encode_now(self, volumes: list[np.ndarray]) -> list[np.ndarray]:
@@ -106,7 +106,7 @@ class Generator:
 
         _threads()
         self.device, self.dtype = torch.device(device), getattr(torch, dtype or "float32")
-        self.vlm = VLM.from_pretrained(model_dir, parts=("llm",), dtype=self.dtype).to(self.device).eval()
+        self.vlm = VLM.from_pretrained(model_dir, parts=("llm",), dtype=self.dtype, device=self.device).eval()
         self.streams = {"active": 0, "stopped_early": 0}
 
     def prompt_error(self, prompt: str, max_new_tokens: int) -> str | None:

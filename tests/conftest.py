@@ -89,7 +89,8 @@ def shards(ray_session, synthetic_m3d, tmp_path_factory):
 
 
 FAST = ["train.stage1.batch_size=4", "train.stage2.batch_size=4", "train.stage3.batch_size=4",
-        "train.stage1.epochs=3", "train.stage2.max_steps=6", "train.stage3.max_steps=6", "train.max_failures=0"]
+        "train.stage1.epochs=3", "train.stage2.max_steps=6", "train.stage3.max_steps=6", "train.max_failures=0",
+        "train.eval_every=0"]  # validation (on by default) has its own tests
 
 
 def cfg_for(*extra):

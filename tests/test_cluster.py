@@ -24,10 +24,9 @@ def _check_entrypoint(cmd: str) -> dict:
     assert argv[:2] == ["python", "-m"], cmd
     mod = importlib.import_module(argv[2])
     args = argv[3:]
-    if hasattr(mod, "arg_parser"):
-        ns = mod.arg_parser().parse_args(args)
-    else:
-        ns = mod.parse_args(args)
+    if hasattr(mod, "arg_parser") and hasattr(mod, "parse_args"):  # evaluate: its EvalConfig, validated as built
+        return {"module": argv[2], "cfg": None, "ns": mod.parse_args(args)}
+    ns = mod.arg_parser().parse_args(args) if hasattr(mod, "arg_parser") else mod.parse_args(args)
     if hasattr(ns, "overrides"):
         cfg = load_config(ns.config, ns.overrides)  # unknown keys or presets raise here
         return {"module": argv[2], "cfg": cfg, "ns": ns}

@@ -63,7 +63,7 @@ def test_entry_points_show_defaults_print_the_config_and_a_version(capsys):
 
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
-    assert e.value.code == 0 and "(default: tiny)" in capsys.readouterr().out
+    assert e.value.code == 0 and "(default: tiny)" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(SystemExit) as e:
         main(["train", "--stage", "1", "--shards", "s", "--out", "o", "--print-config", "model.encoder=small"])
     out = capsys.readouterr().out
@@ -71,3 +71,15 @@ def test_entry_points_show_defaults_print_the_config_and_a_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("med3dvlm ")
+
+
+def test_every_entry_point_help_lists_defaults(capsys):
+    from pipelines.cli import COMMANDS, main
+
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert e.value.code == 0 and "(default:" in out, name
+        if name != "make-synthetic":  # writes test data: there is no pipeline config to give it
+            assert "--config" in out, f"{name} takes no --config"

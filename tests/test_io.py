@@ -46,9 +46,10 @@ def test_palette_and_rgb_slices_become_grey(tmp_path):
 def test_nibabel_example_reoriented_and_preprocessed():
     vol = read_nifti(NIB_DATA / "anatomical.nii")
     img = nib.as_closest_canonical(nib.load(NIB_DATA / "anatomical.nii"))
-    # depth is the superior-inferior axis, superior first
+    # depth is the superior-inferior axis, superior first; rows anterior first; columns from the patient's right
+    # (RAS x grows to the right, so the last x first)
     assert vol.array.shape == tuple(img.shape[i] for i in (2, 1, 0))
-    assert np.array_equal(vol.array[0], np.asarray(img.dataobj, np.float32)[:, :, -1].T[::-1])
+    assert np.array_equal(vol.array[0], np.asarray(img.dataobj, np.float32)[:, :, -1].T[::-1, ::-1])
     out = preprocess_volume(vol, (16, 32, 32), window_mode="never")
     assert out.shape == (16, 32, 32) and out.dtype == np.uint8
     x = (vol.array - vol.array.min()) / (vol.array.max() - vol.array.min())
@@ -131,3 +132,25 @@ def test_bad_uploads_are_refused_with_the_reason(name):
     data, reason = bad_uploads()[name]
     with pytest.raises(VolumeError, match=reason):
         read_upload(name, data)
+
+
+def test_nifti_and_dicom_of_one_scan_read_the_same(tmp_path):
+    """One physical scan stored both ways must give one array, not a mirror image. The NIfTI is written from the
+    DICOM standard's geometry (PS3.3 C.7.6.2.1.1: voxel (column c, row r) of a slice lies at ImagePositionPatient +
+    c * column spacing * the row direction cosines + r * row spacing * the column cosines, in LPS) and NIfTI-1's
+    world frame (RAS: x and y negated), never from our reader."""
+    import pydicom
+
+    dicom_series(tmp_path / "s", n=4)
+    dss = sorted((pydicom.dcmread(p) for p in (tmp_path / "s").iterdir()), key=lambda d: d.InstanceNumber)
+    X, Y = np.array(dss[0].ImageOrientationPatient[:3], float), np.array(dss[0].ImageOrientationPatient[3:], float)
+    dr, dc = (float(v) for v in dss[0].PixelSpacing)  # row spacing, column spacing
+    p0, p1 = np.array(dss[0].ImagePositionPatient, float), np.array(dss[1].ImagePositionPatient, float)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = X * dc, Y * dr, p1 - p0, p0
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    hu = np.stack([d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in dss])
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(hu.transpose(2, 1, 0)), ras), tmp_path / "scan.nii.gz")  # (c, r, s)
+    from_dicom, from_nifti = read_dicom_series(tmp_path / "s").array, read_nifti(tmp_path / "scan.nii.gz").array
+    assert from_dicom.shape == from_nifti.shape
+    assert np.allclose(from_dicom, from_nifti)

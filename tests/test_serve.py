@@ -2,6 +2,7 @@
 
 import concurrent.futures as cf
 import json
+import re
 import time
 
 import numpy as np
@@ -51,7 +52,12 @@ def test_health_docs_and_page(served):
     assert h["status"] == "ok" and h["retrieval"] is True and h["model"]["encoder"] == "nano"
     assert h["model"]["path"].startswith("s3://") and h["model"]["path"].endswith("/stage3")  # loaded from the bucket
     assert "/v1/report" in requests.get(served + "/openapi.json", timeout=30).json()["paths"]
-    assert requests.get(served + "/docs", timeout=30).status_code == 200
+    docs = requests.get(served + "/docs", timeout=30)
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()  # offline: every asset from the app itself
+    for src in re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', docs.text):
+        asset = requests.get(f"{served}/{src}", timeout=30)
+        assert asset.status_code == 200 and len(asset.content) > 10_000, src
+    assert requests.get(served + "/docs-assets/..%2Fetc%2Fpasswd", timeout=30).status_code == 404
     assert "<input id=\"file\"" in requests.get(served + "/", timeout=30).text
 
 
@@ -268,13 +274,73 @@ def test_web_page_uploads_a_volume_and_shows_a_report(served, tmp_path):
         drv.find_element(By.ID, "file").send_keys(str(f))
         drv.find_element(By.ID, "upload").click()
         WebDriverWait(drv, 60).until(lambda d: "volume " in d.find_element(By.ID, "status").text)
-        WebDriverWait(drv, 30).until(lambda d: d.find_element(By.ID, "img0").get_attribute("src").startswith("blob:"))
+        WebDriverWait(drv, 30).until(lambda d: (d.find_element(By.ID, "img0").get_attribute("src") or "").startswith("blob:"))
         drv.find_element(By.ID, "max_tokens").clear()
         drv.find_element(By.ID, "max_tokens").send_keys("8")
         drv.find_element(By.ID, "report").click()
-        # the report streams in piece by piece; the finished one ends with its timing
+        # the finished report ends with its timing
         WebDriverWait(drv, 120).until(lambda d: d.find_element(By.ID, "report_out").text.rstrip().endswith(" s]"))
         text = drv.find_element(By.ID, "report_out").text
         assert not text.startswith(("4", "5")), text  # a report, not an error status
+        # a refused upload clears the previous volume's report and images, and says why
+        bad = tmp_path / "broken.nii.gz"
+        bad.write_bytes(b"\x1f\x8b not really gzip")
+        drv.find_element(By.ID, "file").send_keys(str(bad))
+        drv.find_element(By.ID, "upload").click()
+        WebDriverWait(drv, 60).until(lambda d: "refused" in d.find_element(By.ID, "status").text)
+        assert drv.find_element(By.ID, "report_out").text == ""
+        assert not drv.find_element(By.ID, "views").is_displayed()
+        assert drv.find_element(By.ID, "report").get_attribute("disabled") is not None
+        # a new good upload starts clean too, with slice numbers
+        drv.find_element(By.ID, "file").send_keys(str(f))
+        drv.find_element(By.ID, "upload").click()
+        WebDriverWait(drv, 60).until(lambda d: "volume " in d.find_element(By.ID, "status").text)
+        WebDriverWait(drv, 30).until(lambda d: " / " in d.find_element(By.ID, "n0").text)
+        assert drv.find_element(By.ID, "report_out").text == ""
     finally:
         drv.quit()
+
+
+def test_generator_autoscales_to_two_replicas_under_load_and_back(served, chain):
+    """Short delays so the mechanism shows in a test: a bounded load on /v1/report takes the Generator from 1 to 2
+    replicas; without it, the Generator returns to 1."""
+    import threading
+
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app({"model": chain[3]["export"], "replica_cpus": 0.1, "upscale_delay_s": 1,
+                         "downscale_delay_s": 3}), name="scale", route_prefix="/scale")
+    base = served + "/scale"
+
+    def running() -> int:
+        states = serve.status().applications["scale"].deployments["Generator"].replica_states
+        return sum(n for s, n in states.items() if str(getattr(s, "value", s)).upper() == "RUNNING")
+
+    vid = post(base, "/v1/upload", files={"file": ("s.nii.gz", nifti_bytes(volume()))}, headers={}).json()["volume_id"]
+    stop, codes = threading.Event(), []
+
+    def load():
+        while not stop.is_set():
+            codes.append(post(base, "/v1/report", data={"volume_id": vid, "max_new_tokens": 48}, headers={}).status_code)
+
+    threads = [threading.Thread(target=load) for _ in range(10)]
+    try:
+        assert running() == 1
+        for t in threads:
+            t.start()
+        t0 = time.time()
+        while running() < 2 and time.time() - t0 < 180:
+            time.sleep(1)
+        assert running() == 2, f"no second Generator replica after {time.time() - t0:.0f} s of load"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    t1 = time.time()
+    while running() > 1 and time.time() - t1 < 180:
+        time.sleep(1)
+    assert running() == 1, f"still {running()} Generator replicas {time.time() - t1:.0f} s after the load stopped"
+    assert codes and set(codes) == {200}, sorted(set(codes))
+    serve.delete("scale")

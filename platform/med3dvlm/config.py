@@ -92,12 +92,14 @@ class TrainConfig:
     bf16: bool = True  # only on GPU; CPU always runs fp32
     seed: int = 42
     checkpoint_every: int = 0  # steps; 0: at the end of every epoch
+    keep_checkpoints: int = 2  # DeepSpeed checkpoints kept per run (the newest; resume needs one)
+    log_every: int = 10  # rank 0 prints step/total, loss, lr, samples/s, data wait and ETA every N steps (0: off)
     fail_at_step: int = -1  # fault injection for tests: rank 0 raises once at this step
     max_failures: int = 2  # worker failures Ray Train recovers from (restart from the last checkpoint)
     split_field: str = "split"  # "split" (official M3D split, comparable numbers) or "case_split" (leak-free)
     augment: bool = True  # the reference augmentation (rot90 H-W, flips, intensity) in Ray Data
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: shard order); reseeded every epoch
-    eval_every: int = 0  # stage 1: validation loss and retrieval R@1 every N steps (0: off); every worker sees the split
+    eval_every: int = -1  # stage 1: validation loss and R@1 every N steps (-1: every epoch if the split has rows; 0: off)
     validation_split: str = "validation"  # split (in `split_field`) used for that
     max_train_volumes: int = 0  # train on the first N training volumes only (0: all); sweeps use a subset
     stage1: StageConfig = field(default_factory=lambda: StageConfig(batch_size=64, lr=1e-4, weight_decay=0.1, epochs=100))
@@ -159,6 +161,7 @@ def tiny() -> Config:
     cfg.train.num_workers = 2
     cfg.train.use_gpu = False
     cfg.train.cpus_per_worker = 0.5
+    cfg.train.keep_checkpoints = 1  # the demo's disk: the exports are what a user needs
     cfg.train.split_field = "case_split"
     cfg.train.augment = False  # flips and rotations scramble the synthetic laterality labels a few epochs cannot untangle
     cfg.model.loss.t_init, cfg.model.loss.b_init = math.log(10), -10.0  # SigLIP's init: stable with batches of 8

@@ -22,28 +22,38 @@ def _save(fig, path: Path, dpi: int) -> None:
     plt.close(fig)
 
 
+LABELS = {"loss": "training loss", "lr": "learning rate", "samples_per_s": "samples / s (all workers)",
+          "t": "SigLIP t (log temperature)", "b": "SigLIP bias b", "val_R@1": "validation R@1 (mean of both ways)"}
+
+
 def plot_curves(history: list[dict], path: Path, stage: int) -> None:
-    """Loss, lr, samples/s (and t, b in stage 1) per step."""
+    """Loss (with the validation loss where it was measured), lr, samples/s, stage 1's t and b and validation R@1."""
     if not history:
         return
-    keys = ["loss", "lr", "samples_per_s"] + (["t", "b"] if stage == 1 else [])
-    fig, axes = _subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
-    steps = [h["step"] for h in history]
+    val = [h for h in history if "val_loss" in h]
+    keys = ["loss", "lr", "samples_per_s"] + (["t", "b"] if stage == 1 else []) + (["val_R@1"] if val else [])
+    fig, axes = _subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0))
     for ax, k in zip(axes, keys):
-        ax.plot(steps, [h[k] for h in history])
-        ax.set_title(k)
+        pts = val if k == "val_R@1" else history
+        ax.plot([h["step"] + 1 for h in pts], [h[k] for h in pts], marker="o" if k == "val_R@1" else None,
+                label="training" if k == "loss" and val else None)
+        if k == "loss" and val:
+            ax.plot([h["step"] + 1 for h in val], [h["val_loss"] for h in val], marker="o", label="validation")
+            ax.legend(fontsize=7)
+        ax.set_title(LABELS[k], fontsize=9)
+        ax.set_ylabel(LABELS[k], fontsize=8)
         ax.set_xlabel("step")
     fig.suptitle(f"stage {stage}")
     _save(fig, path, 80)
 
 
-def plot_similarity(s, path: Path) -> None:
+def plot_similarity(s, path: Path, split: str = "test") -> None:
     """Image-text cosine similarity of the first pairs; the diagonal holds the matches."""
     fig, ax = _subplots(figsize=(6, 5))
     im = ax.imshow(s.numpy(), cmap="viridis")
     ax.set_xlabel("report (text) index")
     ax.set_ylabel("volume (image) index")
-    ax.set_title(f"cosine similarity, first {s.shape[0]} test pairs (diagonal = match)")
+    ax.set_title(f"cosine similarity, first {s.shape[0]} {split.replace(',', '+')} pairs (diagonal = match)")
     fig.colorbar(im, ax=ax)
     _save(fig, path, 100)
 

@@ -30,10 +30,11 @@ class UserError(Exception):
 
 
 def apply_env_defaults() -> None:
-    """Offline HF, quiet Ray, and METEOR's NLTK data (laid out by `make setup`); variables already set win."""
+    """Offline HF, quiet Ray, and METEOR's NLTK data (in the environment's prefix, where `make setup` and
+    `python -m med3dvlm.eval.nltk_data` put it); variables already set win."""
     for k, v in DEFAULT_ENV.items():
         os.environ.setdefault(k, v)
-    os.environ.setdefault("NLTK_DATA", str(CHECKOUT / ".venv" / "nltk_data"))
+    os.environ.setdefault("NLTK_DATA", str(Path(sys.prefix) / "nltk_data"))
 
 
 def init_ray(num_cpus: int | None = None):
@@ -58,7 +59,18 @@ def init_ray(num_cpus: int | None = None):
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    quiet_ray_libraries()
     return ray
+
+
+def quiet_ray_libraries() -> None:
+    """Ray Data's execution plans and Ray Train's/Tune's per-checkpoint lines stay in Ray's log files (under the
+    session's `logs/`), not on the terminal, unless `--log-level info|debug` (or MED3DVLM_LOG_LEVEL) asks for them."""
+    import logging
+
+    level = getattr(logging, os.environ.get("MED3DVLM_LOG_LEVEL", "warning").upper(), logging.WARNING)
+    for name in ("ray.data", "ray.train", "ray.tune", "ray.serve"):
+        logging.getLogger(name).setLevel(level)
 
 
 def git_sha() -> str:

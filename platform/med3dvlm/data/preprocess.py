@@ -90,7 +90,9 @@ def _run_shards(specs: list[dict], started: float, log) -> tuple[list[dict], flo
 
 def _manifest(cfg, raw: str, items, qa_quarantine: list[dict], results: list[dict]) -> dict:
     quarantine = [{"input": it.key, "volume_id": it.volume_id, "reason": it.error} for it in items if it.error]
-    quarantine += [q for r in results for q in r["quarantine"]]
+    # one key order for every entry, whether the shard ran now or was skipped (its state file sorts keys)
+    quarantine += [{"input": q["input"], "volume_id": q["volume_id"], "reason": q["reason"]}
+                   for r in results for q in r["quarantine"]]
     bad_ids = {q["volume_id"] for q in quarantine}
     written = [it for it in items if it.volume_id not in bad_ids]
     rows = sum(r["rows"] for r in results)

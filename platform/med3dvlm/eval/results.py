@@ -105,6 +105,34 @@ def _text_table(res: dict) -> list[str]:
     return lines + (["", f"BERTScore model: {res['bertscore_model']}."] if "bertscore_model" in res else [])
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _baseline_lines(task: str, b: dict | None) -> list[str]:
+    """What a model blind to its image would score, beside the intervals of the figures (95%)."""
+    if not b:
+        return []
+    if task == "retrieval":
+        c = b["control"]
+        return ["", f"Baselines on all {b['n']} pairs: chance R@1 {_pct(b['chance_R@1'])} (a pick among the "
+                f"{b['distinct_reports']} distinct reports); shuffled-image control image->text R@1 "
+                f"{_pct(c.get('image_to_text_R@1', 0))}, text->image {_pct(c.get('text_to_image_R@1', 0))}; Wilson "
+                f"interval of image->text R@1 {'-'.join(map(_pct, b['interval']['image_to_text_R@1']))}."]
+    if task == "vqa-closed":
+        m = b["majority"]
+        return ["", f"Baselines: chance {_pct(b['chance'])}; per-type majority answer {_pct(m['mean'])} ("
+                + ", ".join(f"{t} {v['letter']} {_pct(v['accuracy'])}" for t, v in m["per_type"].items())
+                + f"); bootstrap interval of the lenient mean {'-'.join(map(_pct, b['interval']['lenient']))}."]
+    lines = ["", "Bootstrap intervals: " + ", ".join(f"{k} {'-'.join(map(_pct, v))}" for k, v in b["interval"].items())
+             + "."]
+    if "most_common_report" in b:
+        mc = b["most_common_report"]
+        lines.append(f"Always answering the most common training report: METEOR {_pct(mc['meteor'])}, ROUGE-1 "
+                     f"{_pct(mc['rouge1'])}, BLEU {_pct(mc['bleu'])}.")
+    return lines
+
+
 def markdown(task: str, res: dict, shards: str, split_field: str, split: str, model: str, sample: bool) -> str:
     lines = [f"# {task} on {shards} ({split_field}={split}), model {model}", ""]
     if task == "retrieval":
@@ -113,6 +141,7 @@ def markdown(task: str, res: dict, shards: str, split_field: str, split: str, mo
         lines += _closed_table(res["metrics"])
     else:
         lines += _text_table(res)
+    lines += _baseline_lines(task, res.get("baselines"))
     name, ours, lamed = PAPER[task]
     lines += ["", f"Paper ({name}): Med3DVLM {100 * ours:.2f}, M3D-LaMed {100 * lamed:.2f}.",
               f"{res['n']} samples; decoding {'sampled' if sample else 'greedy'}." if task != "retrieval"

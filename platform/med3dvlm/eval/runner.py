@@ -43,6 +43,10 @@ class EvalConfig:
     temperature: float = 1.0
     top_p: float | None = None
     seed: int = 42
+    repetition_penalty: float = 1.0  # the reference decodes greedily without one (1.0); > 1 discourages repeats
+    no_repeat_ngram_size: int = 0  # n-gram blocking (0: off, as the reference)
+    shuffle_images: bool = False  # the shuffled-image control: each sample paired with another sample's volume
+    baseline_split: str = "train"  # reports: the most common report of this split is the blind baseline
     bertscore_model: str | None = None
     bertscore: bool = True
     resume: bool = False
@@ -61,6 +65,54 @@ class EvalConfig:
     @property
     def device(self) -> str:
         return "cuda" if self.gpus_per_replica > 0 else "cpu"
+
+
+def eval_settings(config: str | None, overrides: list[str], flags: dict, default) -> dict:
+    """An evaluation's settings: a YAML file, then `key=value` overrides, then the flags given (a flag left at its
+    default does not undo the file). Unknown keys are refused with the nearest known one."""
+    import difflib
+
+    import yaml
+
+    settings: dict = {}
+    if config:
+        try:
+            settings = yaml.safe_load(storage.read_text(config)) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"--config {config}: cannot read ({e})") from None
+        if not isinstance(settings, dict):
+            raise UserError(f"--config {config}: expected a mapping of settings")
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if not eq:
+            raise UserError(f"override {o!r}: expected key=value")
+        settings[key.strip()] = yaml.safe_load(value)
+    for k in settings:
+        if k not in flags:
+            near = difflib.get_close_matches(k, list(flags), n=1)
+            raise UserError(f"unknown evaluation setting {k!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+    return {**flags, **settings, **{k: v for k, v in flags.items() if v != default(k)}}
+
+
+def eval_config(flags: dict, default) -> EvalConfig:
+    """The command line's EvalConfig: `eval_settings`, `--print-config` (print, exit 0), the required three."""
+    import sys
+
+    a = eval_settings(flags.pop("config"), flags.pop("overrides"), flags, default)
+    if a.pop("print_config"):
+        import yaml
+
+        print(yaml.safe_dump(a, sort_keys=False), end="")
+        sys.exit(0)
+    for k in ("task", "model", "shards"):
+        if not a.get(k):
+            raise UserError(f"--{k} is required (or {k}: in --config, or {k}=... as an override)")
+    try:
+        a["n"] = tuple(int(x) for x in str(a["n"]).split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--n {a['n']}: expected comma-separated integers such as 100,500,1000,2000") from None
+    a["bertscore"] = not a.pop("no_bertscore")
+    return EvalConfig(**a)
 
 
 def check_inputs(ec: EvalConfig) -> int:
@@ -82,15 +134,45 @@ def check_inputs(ec: EvalConfig) -> int:
     return n if ec.limit is None else min(ec.limit, n)
 
 
-def dataset(ec: EvalConfig, columns: list[str]):
+def dataset(ec: EvalConfig, columns: list[str], n: int):
     from ray.data import DataContext
 
     from med3dvlm.data.shards import read_shards
 
     DataContext.get_current().execution_options.preserve_order = True  # "the first N test pairs" means shard order
+    columns = columns + (["case_id"] if ec.shuffle_images else [])
     ds = read_shards(ec.shards, split=ec.splits if len(ec.splits) > 1 else ec.splits[0], split_field=ec.split_field,
                      columns=columns)
-    return ds.limit(ec.limit) if ec.limit else ds
+    ds = ds.limit(ec.limit) if ec.limit else ds
+    return rotate_volumes(ds, n) if ec.shuffle_images else ds
+
+
+def rotate_volumes(ds, n: int | None = None):
+    """The shuffled-image control's data: each row keeps its text and takes another row's volume. Rows are ordered
+    by (case, volume id), so a case's series lie together, and row i takes the volume of row (i + n//2) mod n
+    (`baselines.rotation`): never its own case's unless one case holds half the rows. The evaluated volumes are put
+    in the object store once (through the driver) to be re-paired; an optional control, sized as the evaluation."""
+    import ray
+
+    from med3dvlm.eval.baselines import rotation
+
+    refs, cases = {}, {}
+    for b in ds.select_columns(["volume_id", "case_id", "volume"]).iter_batches(batch_size=16, batch_format="numpy"):
+        for vid, case, vol in zip(b["volume_id"], b["case_id"], b["volume"]):
+            refs[str(vid)], cases[str(vid)] = ray.put(vol), str(case)
+    order = sorted(refs, key=lambda v: (cases[v], v))
+    rot = rotation(len(order))
+    partner = {order[i]: refs[order[rot[i]]] for i in range(len(order))}
+    return ds.drop_columns(["volume"]).map_batches(_partner_volumes, fn_kwargs={"partner": partner},
+                                                   batch_format="numpy")
+
+
+def _partner_volumes(batch: dict, partner: dict) -> dict:
+    import numpy as np
+    import ray
+
+    batch["volume"] = np.stack(ray.get([partner[str(v)] for v in batch["volume_id"]]))
+    return batch
 
 
 def pool_args(ec: EvalConfig) -> dict:
@@ -100,7 +182,7 @@ def pool_args(ec: EvalConfig) -> dict:
             "num_cpus": ec.cpus_per_replica, "num_gpus": ec.gpus_per_replica}
 
 
-def run_retrieval(ec: EvalConfig, out: Path, log) -> dict:
+def run_retrieval(ec: EvalConfig, out: Path, n: int, log) -> dict:
     import numpy as np
     import torch
 
@@ -108,7 +190,7 @@ def run_retrieval(ec: EvalConfig, out: Path, log) -> dict:
     from med3dvlm.eval.retrieval import rank_of_target, retrieval_at_n
     from med3dvlm.plots import plot_similarity
 
-    ds = dataset(ec, ["volume_id", "volume", "report"]).map_batches(
+    ds = dataset(ec, ["volume_id", "volume", "report"], n).map_batches(
         Embedder, fn_constructor_kwargs={"model_dir": ec.model, "device": ec.device,
                                          "threads": max(1, int(ec.cpus_per_replica))}, **pool_args(ec))
     ids, reports, img, txt = [], [], [], []
@@ -125,18 +207,33 @@ def run_retrieval(ec: EvalConfig, out: Path, log) -> dict:
     w.write([{"key": k, "volume_id": k, "report": r, "image_to_text_rank": int(a), "text_to_image_rank": int(b)}
              for k, r, a, b in zip(ids, reports, i2t.tolist(), t2i.tolist())])
     w.close()
-    plot_similarity(s[:min(len(ids), 200), :min(len(ids), 200)], out / "similarity.png")
-    return {"metrics": retrieval_at_n(img_t, txt_t, ec.n), "n": len(ids)}
+    plot_similarity(s[:min(len(ids), 200), :min(len(ids), 200)], out / "similarity.png", ec.split)
+    return {"metrics": retrieval_at_n(img_t, txt_t, ec.n), "n": len(ids),
+            "baselines": retrieval_baselines(img_t, txt_t, reports, i2t, t2i)}
 
 
-def generator_dataset(ec: EvalConfig, done: set):
+def retrieval_baselines(img, txt, reports: list[str], i2t, t2i) -> dict:
+    """On all pairs: chance among the distinct reports, the shuffled-image control, Wilson intervals of R@1."""
+    from med3dvlm.eval.baselines import retrieval_chance, rotation, wilson
+    from med3dvlm.eval.retrieval import retrieval_metrics
+
+    n = len(reports)
+    control = retrieval_metrics(img[rotation(n)], txt, ks=(1, 5)) if n > 1 else {}
+    return {"n": n, "distinct_reports": len(set(reports)), "chance_R@1": retrieval_chance(reports),
+            "control": {k: v for k, v in control.items() if k != "n"},
+            "interval": {"image_to_text_R@1": wilson(int((i2t <= 1).sum()), n),
+                         "text_to_image_R@1": wilson(int((t2i <= 1).sum()), n)}}
+
+
+def generator_dataset(ec: EvalConfig, done: set, n: int):
     from med3dvlm.eval.predict import Generator
 
     columns = ["volume_id", "volume", "report"] if ec.task == "report" else ["volume_id", "volume", "qa"]
-    return dataset(ec, columns).map_batches(Generator, fn_constructor_kwargs={
+    return dataset(ec, columns, n).map_batches(Generator, fn_constructor_kwargs={
         "model_dir": ec.model, "task": ec.task, "device": ec.device, "max_new_tokens": ec.max_new_tokens,
         "gen_batch": ec.gen_batch, "sample": ec.sample, "temperature": ec.temperature, "top_p": ec.top_p,
-        "seed": ec.seed, "done": frozenset(done), "threads": max(1, int(ec.cpus_per_replica)), "dtype": ec.dtype},
+        "seed": ec.seed, "done": frozenset(done), "threads": max(1, int(ec.cpus_per_replica)), "dtype": ec.dtype,
+        "repetition_penalty": ec.repetition_penalty, "no_repeat_ngram_size": ec.no_repeat_ngram_size},
         **pool_args(ec))
 
 
@@ -168,7 +265,7 @@ class Scorer:
                 r["bert_f1"] = f
 
 
-def run_generation(ec: EvalConfig, out: Path, log) -> dict:
+def run_generation(ec: EvalConfig, out: Path, n: int, log) -> dict:
     csv_path = out / "samples.csv"
     done = done_keys(csv_path, ec.resume)
     if done:
@@ -176,7 +273,7 @@ def run_generation(ec: EvalConfig, out: Path, log) -> dict:
     score = Scorer(ec)
     w = SampleWriter(csv_path, CSV_COLUMNS["vqa-closed" if score.closed else "text"])
     t0 = time.time()
-    for b in generator_dataset(ec, done).iter_batches(batch_size=None, batch_format="numpy"):
+    for b in generator_dataset(ec, done, n).iter_batches(batch_size=None, batch_format="numpy"):
         rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in zip(b.keys(), vals)} for vals in zip(*b.values())]
         if not rows:
             continue
@@ -188,9 +285,22 @@ def run_generation(ec: EvalConfig, out: Path, log) -> dict:
     if not rows:
         raise UserError(f"no {ec.task} samples in split '{ec.split}' of {ec.shards} (no questions there?)")
     res = aggregate_closed(rows) if score.closed else aggregate_text(rows, ec.task, score.bert and score.bert.label)
+    res["baselines"] = generation_baselines(ec, rows, list(res["metrics"]))
     res["errors"] = sum(1 for r in rows if r.get("error"))
     res["empty_predictions"] = sum(1 for r in rows if not r["prediction"].strip())
     return res
+
+
+def generation_baselines(ec: EvalConfig, rows: list[dict], metrics: list[str]) -> dict:
+    from med3dvlm.data.shards import read_table
+    from med3dvlm.eval.baselines import bootstrap, closed_baselines, report_baselines
+
+    if ec.task == "vqa-closed":
+        return closed_baselines(rows)
+    if ec.task == "report":
+        train = read_table(ec.shards, ["report"], split=ec.baseline_split, split_field=ec.split_field)
+        return report_baselines(rows, train.column("report").to_pylist(), metrics)
+    return {"interval": {m: bootstrap(rows, lambda s, m=m: sum(float(r[m]) for r in s) / len(s)) for m in metrics}}
 
 
 def model_lowercases(model_dir: str) -> bool:
@@ -220,10 +330,12 @@ def _evaluate(ec: EvalConfig, out: Path, n: int, started: float, log) -> dict:
         (out / "samples.csv").unlink()  # retrieval is all-or-nothing: the ranks need every pair
     init_ray()
     log(f"[evaluate] {ec.task}: {n} volumes of {ec.split_field}={ec.split}, {ec.replicas} replica(s)")
-    res = run_retrieval(ec, out, log) if ec.task == "retrieval" else run_generation(ec, out, log)
+    res = run_retrieval(ec, out, n, log) if ec.task == "retrieval" else run_generation(ec, out, n, log)
     res.update(task=ec.task, model=str(ec.model), shards=str(ec.shards), split=ec.split, split_field=ec.split_field,
                decoding={"sample": ec.sample, "temperature": ec.temperature, "top_p": ec.top_p, "seed": ec.seed,
-                         "max_new_tokens": ec.max_new_tokens} if ec.task != "retrieval" else None,
+                         "max_new_tokens": ec.max_new_tokens, "repetition_penalty": ec.repetition_penalty,
+                         "no_repeat_ngram_size": ec.no_repeat_ngram_size} if ec.task != "retrieval" else None,
+               shuffled_images=ec.shuffle_images,
                paper=dict(zip(("metric", "med3dvlm", "m3d_lamed"), PAPER[ec.task])),
                wall_s=round(time.time() - started, 2))
     (out / "results.json").write_text(json.dumps(res, indent=1))

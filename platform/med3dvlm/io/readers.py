@@ -147,7 +147,9 @@ def nifti_class(data: bytes):
 
 
 def read_nifti(path: str | Path, max_bytes: int = 2 << 30, data: bytes | None = None) -> Volume:
-    """NIfTI via nibabel, reoriented to RAS+ and returned as (D,H,W) = (S->I, A->P, R->L image rows/cols)."""
+    """NIfTI via nibabel, reoriented to RAS+ and returned as (D,H,W) = (S->I, A->P, R->L): the layout a typical axial
+    DICOM series has (rows run anterior to posterior, columns from the patient's right to left), so one scan reads
+    the same from either format."""
     import nibabel as nib
 
     path = Path(path)
@@ -165,8 +167,9 @@ def read_nifti(path: str | Path, max_bytes: int = 2 << 30, data: bytes | None = 
     except Exception as e:  # nibabel raises many types on corrupt input
         raise VolumeError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from None
     arr = _as_3d(_finite(arr, path), path)
-    # RAS array axes (x: R, y: A, z: S) -> (D=z from superior, H=y from anterior, W=x)
-    vol = np.ascontiguousarray(arr.transpose(2, 1, 0)[::-1, ::-1, :])
+    # RAS array axes (x grows to the right, y anterior, z superior) -> (D=z from superior, H=y from anterior, W=x
+    # from the right)
+    vol = np.ascontiguousarray(arr.transpose(2, 1, 0)[::-1, ::-1, ::-1])
     return Volume(vol, hu=bool(vol.min() <= -500), source=str(path), kind="nifti")
 
 

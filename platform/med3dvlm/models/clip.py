@@ -64,11 +64,28 @@ def hidden_size(hf_config) -> int:
     return getattr(hf_config, "hidden_size", None) or hf_config.dim  # DistilBERT (ClinicalBERT) calls it `dim`
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' rows concatenated; the gradient of a rank's rows is the sum of every rank's gradient for them (what
+    the deprecated `torch.distributed.nn.functional.all_gather` computes, with plain collectives that gloo and NCCL
+    both have). Every rank holds the same number of rows (batches drop their last, partial one)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(x), dim=0)
+        return _GatherWithGrad.apply(x)
     return x
 
 

@@ -62,3 +62,22 @@ def load_state(path: Path, prefixes: tuple[str, ...] | None = None) -> dict:
             if prefixes is None or k.startswith(prefixes):
                 out[k] = f.get_tensor(k)
     return out
+
+
+def copy_state(module, path: Path, prefixes: tuple[str, ...]) -> None:
+    """Fill `module`'s parameters and buffers from the export's tensors under `prefixes`, one tensor at a time (cast
+    to each parameter's dtype and device as it is copied), so that loading never holds a second copy of the weights.
+    The keys must match exactly, as `load_state_dict(strict=True)`."""
+    import torch
+    from safetensors import safe_open
+
+    own = module.state_dict(keep_vars=True)
+    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
+        keys = [k for k in f.keys() if k.startswith(prefixes)]
+        missing, unexpected = sorted(set(own) - set(keys)), sorted(set(keys) - set(own))
+        if missing or unexpected:
+            raise ExportError(f"{path}: the export's tensors do not fit the model (missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]})")
+        with torch.no_grad():
+            for k in keys:
+                own[k].copy_(f.get_tensor(k))

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from med3dvlm.config import ModelConfig, config_from_dict
 from med3dvlm.models.dcformer import build_dcformer
 from med3dvlm.models.export import VLM as VLM_KIND
-from med3dvlm.models.export import load_state, model_dir, read_meta, write_meta
+from med3dvlm.models.export import copy_state, model_dir, read_meta, write_meta
 from med3dvlm.models.projector import DualStreamProjector, projector_config_for
 from med3dvlm.models.prompt import IMAGE_TOKEN, encode_example, vlm_tokenizer
 
@@ -211,10 +211,12 @@ class VLM(nn.Module):
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path / "model.safetensors")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype=None, parts: tuple[str, ...] = PARTS) -> "VLM":
+    def from_pretrained(cls, path: str | Path, dtype=None, parts: tuple[str, ...] = PARTS, device=None) -> "VLM":
         """Load an export, or only some of its `parts` ("vision": tower + projector; "llm": the LLM with LoRA): the
-        other part is never built and its tensors are never read."""
+        other part is never built and its tensors are never read. The modules are allocated on `device` in `dtype`
+        without a random initialisation and filled tensor by tensor, so a replica's peak memory is about its weights."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.initialization import no_init_weights
 
         if not parts or set(parts) - set(PARTS):
             raise ValueError(f"parts must be a non-empty subset of {PARTS}, not {parts!r}")
@@ -223,13 +225,14 @@ class VLM(nn.Module):
         cfg = config_from_dict({"model": meta["model"]}).model
         tok = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         llm_cfg = AutoConfig.from_pretrained(path / "llm", local_files_only=True)
-        llm = AutoModelForCausalLM.from_config(llm_cfg) if "llm" in parts else None
-        model = cls(cfg, llm, tok, tuple(meta["input_shape"]), meta.get("data"), with_vision="vision" in parts,
-                    llm_width=llm_cfg.hidden_size)
-        if meta["lora"] and llm is not None:
-            model.add_lora()
+        with torch.device(device or "cpu"), no_init_weights():
+            llm = AutoModelForCausalLM.from_config(llm_cfg, dtype=dtype) if "llm" in parts else None
+            model = cls(cfg, llm, tok, tuple(meta["input_shape"]), meta.get("data"), with_vision="vision" in parts,
+                        llm_width=llm_cfg.hidden_size)
+            if meta["lora"] and llm is not None:
+                model.add_lora()
+            if dtype is not None:
+                model.to(dtype)
         prefixes = (("vision.", "projector.") if "vision" in parts else ()) + (("llm.",) if "llm" in parts else ())
-        model.load_state_dict(load_state(path, prefixes), strict=True)
-        if dtype is not None:
-            model.to(dtype)
+        copy_state(model, path, prefixes)
         return model

@@ -24,7 +24,11 @@ class Plan:
     samples: int
     steps_per_epoch: int
     total_steps: int
-    validate: bool
+    eval_every: int  # steps between stage-1 validations (0: none)
+
+    @property
+    def validate(self) -> bool:
+        return self.eval_every > 0
 
 
 def check_shards(cfg, shards: str) -> dict:
@@ -87,10 +91,6 @@ def check_resources(cfg) -> None:
 
 
 def plan_steps(cfg, stage: int, shards: str) -> Plan:
-    validate = stage == 1 and cfg.train.eval_every > 0
-    if validate and count_validation(cfg, shards) < 2:
-        raise UserError(f"train.eval_every needs validation pairs: --shards {shards} has fewer than 2 rows with "
-                        f"{cfg.train.split_field}={cfg.train.validation_split}")
     st = cfg.stage(stage)
     n = count_samples(cfg, stage, shards)
     steps_per_epoch = n // (st.batch_size * cfg.train.num_workers)
@@ -98,7 +98,21 @@ def plan_steps(cfg, stage: int, shards: str) -> Plan:
         raise UserError(f"{n} training samples is fewer than one global batch ({st.batch_size} x "
                         f"{cfg.train.num_workers} workers)")
     total = math.ceil(st.epochs * steps_per_epoch)
-    return Plan(n, steps_per_epoch, min(total, st.max_steps) if st.max_steps > 0 else total, validate)
+    total = min(total, st.max_steps) if st.max_steps > 0 else total
+    return Plan(n, steps_per_epoch, total, eval_interval(cfg, stage, shards, steps_per_epoch))
+
+
+def eval_interval(cfg, stage: int, shards: str, steps_per_epoch: int) -> int:
+    """Stage 1 validates every `eval_every` steps; by default (-1) every epoch when the validation split has rows."""
+    every = cfg.train.eval_every if stage == 1 else 0
+    if every == 0:
+        return 0
+    if count_validation(cfg, shards) < 2:
+        if every < 0:
+            return 0
+        raise UserError(f"train.eval_every needs validation pairs: --shards {shards} has fewer than 2 rows with "
+                        f"{cfg.train.split_field}={cfg.train.validation_split}")
+    return every if every > 0 else steps_per_epoch
 
 
 def warn_if_unshared(out: str, log) -> None:
@@ -125,12 +139,13 @@ def make_trainer(cfg, stage: int, shards: str, out: str, init: str | None, plan:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "init": storage.absolute(init) if init else None,
                            "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
+                           "eval_every": plan.eval_every,
                            "export": export, "tensorboard": storage.join(export, "tensorboard")},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker},
                                      placement_strategy=cfg.train.placement_strategy),
         run_config=RunConfig(name=name or f"stage{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
-                             storage_path=storage.join(out, "ray"), checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             storage_path=storage.join(out, "ray"), checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures), callbacks=callbacks),
         datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
     )
@@ -152,7 +167,8 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
     storage.delete(storage.join(export, "placement.json"))  # the loop appends one entry per (re)start of this run
     log(f"[train] stage {stage}: {plan.samples} samples, {plan.steps_per_epoch} steps/epoch x "
         f"{cfg.stage(stage).epochs:g} epochs = {plan.total_steps} steps on {cfg.train.num_workers} workers "
-        f"({'GPU' if cfg.train.use_gpu else 'CPU'}, ZeRO-{cfg.train.zero_stage})")
+        f"({'GPU' if cfg.train.use_gpu else 'CPU'}, ZeRO-{cfg.train.zero_stage}); validation "
+        + (f"every {plan.eval_every} steps" if plan.validate else "off"))
     result = make_trainer(cfg, stage, shards, out, init, plan, callbacks, name).fit()
     if result.error:
         raise result.error

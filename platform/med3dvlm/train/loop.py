@@ -153,12 +153,41 @@ def resume(engine) -> int:
     return client["step"] + 1
 
 
+class Progress:
+    """Rank 0's progress lines, as HF Trainer / torchtitan print them: every `every` steps and at each epoch's end."""
+
+    def __init__(self, stage: int, start: int, total: int, steps_per_epoch: int, every: int):
+        self.stage, self.start, self.total, self.per_epoch, self.every = stage, start, total, steps_per_epoch, every
+        self.t0 = time.perf_counter()
+
+    def step(self, m: dict) -> None:
+        done = m["step"] + 1
+        if not self.every or not (done % self.every == 0 or done % self.per_epoch == 0 or done == self.total):
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(done - self.start, 1) * (self.total - done)
+        wait = m["data_wait_s"] / max(m["data_wait_s"] + m["compute_s"], 1e-9)
+        print(f"[train] stage {self.stage} step {done}/{self.total} epoch {m['epoch'] + 1}: loss {m['loss']:.4f} "
+              f"lr {m['lr']:.2e} {m['samples_per_s']:.1f} samples/s data wait {100 * wait:.0f}% "
+              f"ETA {_clock(eta)}", flush=True)
+
+    def validation(self, m: dict, step: int) -> None:
+        if self.every:
+            print(f"[train] stage {self.stage} validation at step {step}: loss {m['val_loss']:.4f} "
+                  f"R@1 {100 * m['val_R@1']:.1f}% (n={m['val_n']})", flush=True)
+
+
+def _clock(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 class StepLog:
     """Per-step metrics (loss averaged over ranks, lr, samples/s, data wait vs compute, stage 1's t and b) kept in
     `history` and written to TensorBoard by rank 0 (to a local folder, uploaded at the end, for a URI)."""
 
-    def __init__(self, stage: int, batch_size: int, tb: str | None):
-        self.stage, self.batch_size, self.history = stage, batch_size, []
+    def __init__(self, stage: int, batch_size: int, tb: str | None, progress: Progress | None = None):
+        self.stage, self.batch_size, self.history, self.progress = stage, batch_size, [], progress
         self.tb = tb
         self.tb_remote = bool(tb) and not storage.is_local(tb)
         self.tb_dir = tempfile.mkdtemp(prefix="med3dvlm-tb-") if self.tb_remote else tb and storage.resolve(tb)[1]
@@ -181,9 +210,11 @@ class StepLog:
         self.t_last = now
         if self.stage == 1:
             lf = engine.module.loss_fn
-            m["t"], m["b"] = float(lf.temperature.item()), float(lf.bias.item())
+            m["t"], m["b"] = float(lf.temperature.detach()), float(lf.bias.detach())
         self.history.append(m)
         self.scalars(m, step)
+        if self.progress:
+            self.progress.step(m)
         return m
 
     def scalars(self, m: dict, step: int, keys=None) -> None:
@@ -213,7 +244,9 @@ def train_loop_per_worker(config: dict) -> None:
     engine, scheduler = setup_engine(cfg, config, device)
     start = resume(engine)
     _record_placement(config.get("export"), start, rank, world)
-    log = StepLog(stage, cfg.stage(stage).batch_size, config.get("tensorboard") if rank == 0 else None)
+    log = StepLog(stage, cfg.stage(stage).batch_size, config.get("tensorboard") if rank == 0 else None,
+                  Progress(stage, start, config["total_steps"], config["steps_per_epoch"],
+                           cfg.train.log_every if rank == 0 else 0))
     run_epochs(cfg, config, engine, scheduler, log, start, device, rank)
     log.close()
     if config.get("export"):
@@ -258,7 +291,8 @@ def run_epochs(cfg: Config, config: dict, engine, scheduler, log: StepLog, start
     stage, steps_per_epoch, total = config["stage"], config["steps_per_epoch"], config["total_steps"]
     keys = ["volume", "input_ids", "attention_mask"] + (["labels"] if stage > 1 else [])
     ckpt_every = cfg.train.checkpoint_every or steps_per_epoch
-    validate = stage == 1 and cfg.train.eval_every > 0
+    every = config.get("eval_every", 0)
+    validate = every > 0
     step = start
     while step < total:
         epoch = step // steps_per_epoch
@@ -277,12 +311,14 @@ def run_epochs(cfg: Config, config: dict, engine, scheduler, log: StepLog, start
             loss = train_step(engine, cfg, batch, keys, device)
             m = log.step(engine, scheduler, step, epoch, loss, data_s, time.perf_counter() - t0)
             step += 1
-            if validate and (step % cfg.train.eval_every == 0 or step == total):
+            if validate and (step % every == 0 or step == total):
                 m.update(validate_stage1(engine.module, device))
                 log.scalars(m, step - 1, ("val_loss", "val_R@1"))
+                if log.progress:
+                    log.progress.validation(m, step)
             if step % ckpt_every == 0 or step == total:
                 _save_and_report(engine, m, step - 1)
-            elif validate and step % cfg.train.eval_every == 0:
+            elif validate and step % every == 0:
                 ray.train.report(dict(m))  # validation figures between checkpoints (Tune's schedulers read them)
             t_wait = time.perf_counter()
         if step < min(total, (epoch + 1) * steps_per_epoch):
@@ -307,18 +343,37 @@ def _record_placement(export: str | None, start: int, rank: int, world: int) -> 
         storage.write_text(f, json.dumps(runs, indent=1))
 
 
+_VALIDATION: dict = {}  # run name -> this worker's validation batches, when small enough to keep
+KEEP_VALIDATION_BYTES = 256 << 20
+
+
+def _validation_batches():
+    """The validation split's batches. A split under KEEP_VALIDATION_BYTES is read once and kept in the worker: a
+    Ray Data pass costs seconds of start-up each time, more than the validation itself on a small split."""
+    import ray.train
+
+    run = ray.train.get_context().get_experiment_name()
+    if run in _VALIDATION:
+        return _VALIDATION[run]
+    batches, size = [], 0
+    for b in ray.train.get_dataset_shard("validation").iter_torch_batches(batch_size=16):
+        size += sum(t.numel() * t.element_size() for t in b.values() if isinstance(t, torch.Tensor))
+        batches.append(b)
+    if size <= KEEP_VALIDATION_BYTES:
+        _VALIDATION[run] = batches
+    return batches
+
+
 @torch.no_grad()
 def validate_stage1(model, device) -> dict:
     """Sigmoid loss and retrieval recall on the whole validation split (every worker holds all of it)."""
-    import ray.train
-
     from med3dvlm.eval.retrieval import retrieval_metrics
     from med3dvlm.train.augment import apply_augment
 
     was = model.training
     model.eval()
     imgs, txts = [], []
-    for b in ray.train.get_dataset_shard("validation").iter_torch_batches(batch_size=16):
+    for b in _validation_batches():
         imgs.append(model.encode_image(apply_augment(b["volume"].to(device), None)).float())
         txts.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)).float())
     model.train(was)
@@ -335,7 +390,8 @@ def _save_and_report(engine, metrics: dict, step: int) -> None:
 
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag="ds", client_state={"step": step})  # a collective: every rank saves its shard
-        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(d))
+        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"checkpoint_step{step + 1:07d}")
 
 
 def _tb_writer(path: str | None):

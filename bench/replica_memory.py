@@ -1,0 +1,146 @@
+"""Peak memory of a serving replica for a paper-shaped export: each replica loads only its part.
+
+The export: DCFormer-small + projector at the paper's 128x256x256 input, and a stand-in for Qwen2.5-7B: a Qwen2 LLM
+with Qwen2.5-0.5B's shapes (24 layers, width 896, 14 heads, 2 KV heads, MLP 4864), random weights, the packaged
+MiniLM vocabulary (30,523 + the image token), saved with `save_pretrained`. Each row is a fresh process that does
+what a replica does: `VLM.from_pretrained(parts=...)`, then one request (encode one volume; generate 16 tokens) and
+reports its peak RSS (ru_maxrss) beside the bytes of the weights it holds. Targets (issue 18): an Encoder within its
+weights + 1 GiB, a Generator within its weights + 1.5 GiB. "before" rows load the way this project did until
+2026-11-28 (a randomly initialised model, then a whole state dict copied in), for comparison.
+
+    .venv/bin/python bench/replica_memory.py [--work /tmp/replica-mem] [--threads 2]
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+GiB = 1 << 30
+
+
+def build_export(work: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers.initialization import no_init_weights
+
+    from med3dvlm.config import load_config
+    from med3dvlm.models.prompt import vlm_tokenizer
+    from med3dvlm.models.vlm import VLM
+
+    export = work / "export"
+    if (export / "model.safetensors").is_file():
+        return export
+    tok = vlm_tokenizer("tiny-qwen2")  # the packaged MiniLM vocabulary + <im_patch>
+    hf = Qwen2Config(vocab_size=len(tok), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                     tie_word_embeddings=False)
+    with no_init_weights():
+        llm = AutoModelForCausalLM.from_config(hf)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in llm.parameters():
+            p.normal_(0, 0.02, generator=g)
+    llm.save_pretrained(work / "llm")
+    tok.save_pretrained(work / "llm")
+    del llm
+    cfg = load_config("paper", [f"model.llm={work / 'llm'}", "model.encoder=small"])
+    vlm = VLM.from_config(cfg.model, cfg.data.shape)
+    vlm.data = {"shape": list(cfg.data.shape), "window": list(cfg.data.window), "window_mode": cfg.data.window_mode}
+    vlm.save_pretrained(export)
+    return export
+
+
+def replica(export: str, part: str, dtype: str, how: str, threads: int) -> dict:
+    """One replica's load and one request, in this (fresh) process."""
+    import torch
+
+    from med3dvlm.models.vlm import VLM
+
+    torch.set_num_threads(threads)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    dt = getattr(torch, dtype)
+    t = time.perf_counter()
+    vlm = VLM.from_pretrained(export, parts=(part,), dtype=dt) if how == "now" else before(export, part, dt)
+    load_s = time.perf_counter() - t
+    weights = sum(p.numel() * p.element_size() for p in vlm.parameters())
+    with torch.no_grad():
+        t = time.perf_counter()
+        if part == "vision":
+            vlm.encode_images(torch.rand(1, 1, *vlm.input_shape, dtype=dt))
+        else:
+            feats = torch.randn(1, vlm.cfg.image_tokens, vlm.llm.config.hidden_size, dtype=dt)
+            vlm.generate_from_features(feats, ["Describe the findings of this CT scan."], max_new_tokens=16,
+                                       min_new_tokens=16)
+        request_s = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"weights_gib": weights / GiB, "peak_rss_gib": peak / GiB, "over_weights_gib": (peak - weights) / GiB,
+            "imports_rss_gib": base / GiB, "load_s": load_s, "request_s": request_s}
+
+
+def before(export: str, part: str, dtype):
+    """The loading this project did before: build (random init), read the whole part's state, load, cast."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from med3dvlm.config import config_from_dict
+    from med3dvlm.models.export import load_state, read_meta
+    from med3dvlm.models.vlm import VLM
+
+    path = Path(export)
+    meta = read_meta(path)
+    cfg = config_from_dict({"model": meta["model"]}).model
+    tok = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    llm_cfg = AutoConfig.from_pretrained(path / "llm", local_files_only=True)
+    llm = AutoModelForCausalLM.from_config(llm_cfg) if part == "llm" else None
+    model = VLM(cfg, llm, tok, tuple(meta["input_shape"]), meta.get("data"), with_vision=part == "vision",
+                llm_width=llm_cfg.hidden_size)
+    model.load_state_dict(load_state(path, ("llm.",) if part == "llm" else ("vision.", "projector.")), strict=True)
+    return model.to(dtype)
+
+
+ROWS = [("Encoder", "vision", "float32", "now", 1.0), ("Encoder", "vision", "float32", "before", 1.0),
+        ("Generator", "llm", "float32", "now", 1.5), ("Generator", "llm", "bfloat16", "now", 1.5),
+        ("Generator", "llm", "float32", "before", 1.5)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/replica-mem")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(replica(*a.child, a.threads)))
+        return
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    export = build_export(work)
+    print(f"export {export}: {(export / 'model.safetensors').stat().st_size / GiB:.2f} GiB of tensors "
+          f"(built in {time.perf_counter() - t:.0f} s)")
+    rows = []
+    for name, part, dtype, how, allowance in ROWS:
+        out = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--child", str(export), part,
+                              dtype, how], capture_output=True, text=True, check=True).stdout
+        r = {"replica": name, "part": part, "dtype": dtype, "loading": how, "allowance_gib": allowance,
+             **json.loads(out.strip().splitlines()[-1])}
+        r["within"] = r["over_weights_gib"] <= allowance
+        rows.append(r)
+        print(f"{name:9} {dtype:8} {how:6}: weights {r['weights_gib']:.2f} GiB, peak RSS {r['peak_rss_gib']:.2f} GiB "
+              f"(+{r['over_weights_gib']:.2f} over the weights; allowance {allowance} GiB: "
+              f"{'within' if r['within'] else 'OVER'}), load {r['load_s']:.1f} s, request {r['request_s']:.1f} s")
+    res = {"date": time.strftime("%Y-%m-%d"), "machine": "this project's 2-core / 24 GiB CPU box",
+           "command": "python bench/replica_memory.py", "export": "DCFormer-small 128x256x256 + Qwen2 (0.5B shapes, "
+           "30,524-token vocabulary, untied head), random weights", "rows": rows}
+    out = ROOT / "bench" / "results" / "replica_memory.json"
+    out.write_text(json.dumps(res, indent=1))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The package as a user installs it: a wheel built from this checkout, installed into a fresh virtual environment
+whose dependencies are the same pinned wheels (this environment's, offline), must run its console script."""
+
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_wheel_installs_into_a_fresh_venv_and_its_console_script_runs(tmp_path):
+    import sysconfig
+
+    r = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+             str(ROOT)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheel = next(tmp_path.glob("med3dvlm-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "serve/config.yaml" in names  # package data travels with the wheel
+    requires = dict(re.findall(r"^Requires-Dist: ([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^\s;]+)\s*$", meta, re.M))
+    assert {"torch", "ray", "transformers", "deepspeed", "fastapi"} <= set(requires), meta[:2000]
+
+    venv = tmp_path / "venv"
+    assert run([sys._base_executable, "-m", "venv", str(venv)]).returncode == 0
+    py = venv / "bin" / "python"
+    site = run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    # the dependencies: this environment's installed (pinned) distributions, on the path; its editable install of
+    # this checkout is not (a plain path line does not run the .pth files inside it)
+    Path(site, "pinned-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    r = run([str(py), "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--disable-pip-version-check",
+             str(wheel)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    check = ("import importlib.metadata as m, json, sys; req = json.loads(sys.argv[1]); "
+             "print(json.dumps({k: m.version(k) for k in req}))")
+    import json
+
+    from packaging.specifiers import SpecifierSet
+
+    got = json.loads(run([str(py), "-c", check, json.dumps(requires)], cwd=tmp_path).stdout)
+    off = {k: v for k, v in got.items() if v not in SpecifierSet(f"=={requires[k]}")}  # 2.13.0+cpu is ==2.13.0
+    assert set(got) == set(requires) and not off, off
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NLTK_DATA")}
+    where = run([str(py), "-c", "import med3dvlm; print(med3dvlm.__file__)"], cwd=tmp_path, env=env).stdout
+    assert where.startswith(str(venv)), where  # the wheel's copy, not this checkout
+    for args in (["--help"], ["--version"], ["train", "--help"]):
+        r = run([str(venv / "bin" / "med3dvlm"), *args], cwd=tmp_path, env=env)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+    out = run([str(venv / "bin" / "med3dvlm"), "train", "--help"], cwd=tmp_path, env=env).stdout
+    assert "(default: tiny)" in " ".join(out.split())
