@@ -25,10 +25,14 @@ def expand_samples(batch: dict, task: str, seed: int) -> list[dict]:
             out.append({"i": i, "key": vid, "question_type": -1, "question": report_prompt(vid, seed),
                         "reference": str(batch["report"][i]), "answer_choice": ""})
             continue
-        qa = batch["qa"][i]
+        qa, seen = batch["qa"][i], set()
         for j, q in enumerate([] if qa is None else list(qa)):
             if q["yes_no"]:
                 continue  # M3D-Bench's VQA test has no yes/no questions
+            same = (q["question"], q["answer"], tuple(q.get(f"choice_{c}") for c in "abcd"))
+            if same in seen:
+                continue  # M3D_VQA_test5k.csv repeats rows of M3D_VQA_test.csv: each question counts once
+            seen.add(same)
             prompt = closed_prompt(q)[0] if task == "vqa-closed" else open_prompt(q)[0]
             out.append({"i": i, "key": f"{vid}#{j}", "question_type": int(q["question_type"]), "question": prompt,
                         "reference": str(q["answer"]), "answer_choice": str(q["answer_choice"])})
