@@ -321,11 +321,12 @@ def test_generator_autoscales_to_two_replicas_under_load_and_back(served, chain)
     vid = post(base, "/v1/upload", files={"file": ("s.nii.gz", nifti_bytes(volume()))}, headers={}).json()["volume_id"]
     stop, codes = threading.Event(), []
 
-    def load():
+    def load():  # sampled, so a tiny model does not stop at an early EOS: each request holds the Generator
         while not stop.is_set():
-            codes.append(post(base, "/v1/report", data={"volume_id": vid, "max_new_tokens": 48}, headers={}).status_code)
+            codes.append(post(base, "/v1/report", data={"volume_id": vid, "max_new_tokens": 160, "temperature": 1.0},
+                              headers={}).status_code)
 
-    threads = [threading.Thread(target=load) for _ in range(10)]
+    threads = [threading.Thread(target=load) for _ in range(16)]
     try:
         assert running() == 1
         for t in threads:
