@@ -4,7 +4,8 @@
   (a rotation by half the set, so series of one case, which lie together in the shards, never meet their own case);
   a model that ignores the image scores the same with and without it
 - closed VQA: chance (one of four) and the per-type majority answer on the same questions
-- retrieval: chance as a uniform pick among the distinct reports present (duplicates make it easier than 1/n)
+- retrieval: chance as a uniform pick among the distinct reports present (1/d, never below the 1/n that a random
+  ranking reaches under the benchmark's diagonal rule)
 - reports: always answering the most common training report
 - intervals: Wilson for a proportion, a percentile bootstrap for a mean
 """
@@ -75,12 +76,17 @@ def most_common(texts: list[str]) -> str:
     return Counter(t.strip() for t in texts if t and t.strip()).most_common(1)[0][0] if texts else ""
 
 
+def mean_intervals(rows: list[dict], metrics: list[str]) -> dict:
+    """Bootstrap intervals of each metric's mean over the rows."""
+    return {m: bootstrap(rows, lambda s, m=m: sum(float(r[m]) for r in s) / len(s)) for m in metrics}
+
+
 def report_baselines(rows: list[dict], train_reports: list[str], metrics: list[str]) -> dict:
     """Intervals of the mean scores, and the scores of always answering the most common training report."""
     from med3dvlm.eval.text import text_scores
 
     common = most_common(train_reports)
     scored = [text_scores(common, r["reference"]) for r in rows]
-    return {"interval": {m: bootstrap(rows, lambda s, m=m: sum(float(r[m]) for r in s) / len(s)) for m in metrics},
+    return {"interval": mean_intervals(rows, metrics),
             "most_common_report": {"text": common, **{m: sum(s[m] for s in scored) / max(len(scored), 1)
                                                       for m in ("bleu", "rouge1", "meteor")}}}

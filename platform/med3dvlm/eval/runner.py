@@ -134,37 +134,41 @@ def check_inputs(ec: EvalConfig) -> int:
     return n if ec.limit is None else min(ec.limit, n)
 
 
-def dataset(ec: EvalConfig, columns: list[str], n: int):
+def dataset(ec: EvalConfig, columns: list[str]):
     from ray.data import DataContext
 
     from med3dvlm.data.shards import read_shards
 
     DataContext.get_current().execution_options.preserve_order = True  # "the first N test pairs" means shard order
-    columns = columns + (["case_id"] if ec.shuffle_images else [])
-    ds = read_shards(ec.shards, split=ec.splits if len(ec.splits) > 1 else ec.splits[0], split_field=ec.split_field,
-                     columns=columns)
-    ds = ds.limit(ec.limit) if ec.limit else ds
-    return rotate_volumes(ds, n) if ec.shuffle_images else ds
+
+    def read(cols):
+        ds = read_shards(ec.shards, split=ec.splits if len(ec.splits) > 1 else ec.splits[0],
+                         split_field=ec.split_field, columns=cols)
+        return ds.limit(ec.limit) if ec.limit else ds
+
+    if not ec.shuffle_images:
+        return read(columns)
+    return rotate_volumes(read(["volume_id", "case_id", "volume"]), read([c for c in columns if c != "volume"]))
 
 
-def rotate_volumes(ds, n: int | None = None):
-    """The shuffled-image control's data: each row keeps its text and takes another row's volume. Rows are ordered
-    by (case, volume id), so a case's series lie together, and row i takes the volume of row (i + n//2) mod n
-    (`baselines.rotation`): never its own case's unless one case holds half the rows. The evaluated volumes are put
-    in the object store once (through the driver) to be re-paired; an optional control, sized as the evaluation."""
+def rotate_volumes(volumes, texts):
+    """The shuffled-image control's data: each row of `texts` takes another row's volume from `volumes` (the same
+    rows). Rows are ordered by (case, volume id), so a case's series lie together, and row i takes the volume of row
+    (i + n//2) mod n (`baselines.rotation`): never its own case's unless one case holds half the rows. The evaluated
+    volumes are put in the object store once (through the driver) to be re-paired; an optional control, sized as
+    the evaluation."""
     import ray
 
     from med3dvlm.eval.baselines import rotation
 
     refs, cases = {}, {}
-    for b in ds.select_columns(["volume_id", "case_id", "volume"]).iter_batches(batch_size=16, batch_format="numpy"):
+    for b in volumes.iter_batches(batch_size=16, batch_format="numpy"):
         for vid, case, vol in zip(b["volume_id"], b["case_id"], b["volume"]):
             refs[str(vid)], cases[str(vid)] = ray.put(vol), str(case)
     order = sorted(refs, key=lambda v: (cases[v], v))
     rot = rotation(len(order))
     partner = {order[i]: refs[order[rot[i]]] for i in range(len(order))}
-    return ds.drop_columns(["volume"]).map_batches(_partner_volumes, fn_kwargs={"partner": partner},
-                                                   batch_format="numpy")
+    return texts.map_batches(_partner_volumes, fn_kwargs={"partner": partner}, batch_format="numpy")
 
 
 def _partner_volumes(batch: dict, partner: dict) -> dict:
@@ -182,7 +186,7 @@ def pool_args(ec: EvalConfig) -> dict:
             "num_cpus": ec.cpus_per_replica, "num_gpus": ec.gpus_per_replica}
 
 
-def run_retrieval(ec: EvalConfig, out: Path, n: int, log) -> dict:
+def run_retrieval(ec: EvalConfig, out: Path, log) -> dict:
     import numpy as np
     import torch
 
@@ -190,7 +194,7 @@ def run_retrieval(ec: EvalConfig, out: Path, n: int, log) -> dict:
     from med3dvlm.eval.retrieval import rank_of_target, retrieval_at_n
     from med3dvlm.plots import plot_similarity
 
-    ds = dataset(ec, ["volume_id", "volume", "report"], n).map_batches(
+    ds = dataset(ec, ["volume_id", "volume", "report"]).map_batches(
         Embedder, fn_constructor_kwargs={"model_dir": ec.model, "device": ec.device,
                                          "threads": max(1, int(ec.cpus_per_replica))}, **pool_args(ec))
     ids, reports, img, txt = [], [], [], []
@@ -225,11 +229,11 @@ def retrieval_baselines(img, txt, reports: list[str], i2t, t2i) -> dict:
                          "text_to_image_R@1": wilson(int((t2i <= 1).sum()), n)}}
 
 
-def generator_dataset(ec: EvalConfig, done: set, n: int):
+def generator_dataset(ec: EvalConfig, done: set):
     from med3dvlm.eval.predict import Generator
 
     columns = ["volume_id", "volume", "report"] if ec.task == "report" else ["volume_id", "volume", "qa"]
-    return dataset(ec, columns, n).map_batches(Generator, fn_constructor_kwargs={
+    return dataset(ec, columns).map_batches(Generator, fn_constructor_kwargs={
         "model_dir": ec.model, "task": ec.task, "device": ec.device, "max_new_tokens": ec.max_new_tokens,
         "gen_batch": ec.gen_batch, "sample": ec.sample, "temperature": ec.temperature, "top_p": ec.top_p,
         "seed": ec.seed, "done": frozenset(done), "threads": max(1, int(ec.cpus_per_replica)), "dtype": ec.dtype,
@@ -265,7 +269,7 @@ class Scorer:
                 r["bert_f1"] = f
 
 
-def run_generation(ec: EvalConfig, out: Path, n: int, log) -> dict:
+def run_generation(ec: EvalConfig, out: Path, log) -> dict:
     csv_path = out / "samples.csv"
     done = done_keys(csv_path, ec.resume)
     if done:
@@ -273,7 +277,7 @@ def run_generation(ec: EvalConfig, out: Path, n: int, log) -> dict:
     score = Scorer(ec)
     w = SampleWriter(csv_path, CSV_COLUMNS["vqa-closed" if score.closed else "text"])
     t0 = time.time()
-    for b in generator_dataset(ec, done, n).iter_batches(batch_size=None, batch_format="numpy"):
+    for b in generator_dataset(ec, done).iter_batches(batch_size=None, batch_format="numpy"):
         rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in zip(b.keys(), vals)} for vals in zip(*b.values())]
         if not rows:
             continue
@@ -293,14 +297,14 @@ def run_generation(ec: EvalConfig, out: Path, n: int, log) -> dict:
 
 def generation_baselines(ec: EvalConfig, rows: list[dict], metrics: list[str]) -> dict:
     from med3dvlm.data.shards import read_table
-    from med3dvlm.eval.baselines import bootstrap, closed_baselines, report_baselines
+    from med3dvlm.eval.baselines import closed_baselines, mean_intervals, report_baselines
 
     if ec.task == "vqa-closed":
         return closed_baselines(rows)
     if ec.task == "report":
         train = read_table(ec.shards, ["report"], split=ec.baseline_split, split_field=ec.split_field)
         return report_baselines(rows, train.column("report").to_pylist(), metrics)
-    return {"interval": {m: bootstrap(rows, lambda s, m=m: sum(float(r[m]) for r in s) / len(s)) for m in metrics}}
+    return {"interval": mean_intervals(rows, metrics)}
 
 
 def model_lowercases(model_dir: str) -> bool:
@@ -330,7 +334,7 @@ def _evaluate(ec: EvalConfig, out: Path, n: int, started: float, log) -> dict:
         (out / "samples.csv").unlink()  # retrieval is all-or-nothing: the ranks need every pair
     init_ray()
     log(f"[evaluate] {ec.task}: {n} volumes of {ec.split_field}={ec.split}, {ec.replicas} replica(s)")
-    res = run_retrieval(ec, out, n, log) if ec.task == "retrieval" else run_generation(ec, out, n, log)
+    res = run_retrieval(ec, out, log) if ec.task == "retrieval" else run_generation(ec, out, log)
     res.update(task=ec.task, model=str(ec.model), shards=str(ec.shards), split=ec.split, split_field=ec.split_field,
                decoding={"sample": ec.sample, "temperature": ec.temperature, "top_p": ec.top_p, "seed": ec.seed,
                          "max_new_tokens": ec.max_new_tokens, "repetition_penalty": ec.repetition_penalty,

@@ -145,7 +145,8 @@ def make_trainer(cfg, stage: int, shards: str, out: str, init: str | None, plan:
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker},
                                      placement_strategy=cfg.train.placement_strategy),
         run_config=RunConfig(name=name or f"stage{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
-                             storage_path=storage.join(out, "ray"), checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                             storage_path=storage.join(out, "ray"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures), callbacks=callbacks),
         datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
     )

@@ -349,19 +349,24 @@ KEEP_VALIDATION_BYTES = 256 << 20
 
 def _validation_batches():
     """The validation split's batches. A split under KEEP_VALIDATION_BYTES is read once and kept in the worker: a
-    Ray Data pass costs seconds of start-up each time, more than the validation itself on a small split."""
+    Ray Data pass costs seconds of start-up each time, more than the validation itself on a small split. A larger
+    split streams on every pass and is never held."""
     import ray.train
 
     run = ray.train.get_context().get_experiment_name()
     if run in _VALIDATION:
-        return _VALIDATION[run]
-    batches, size = [], 0
+        yield from _VALIDATION[run]
+        return
+    kept, size = [], 0
     for b in ray.train.get_dataset_shard("validation").iter_torch_batches(batch_size=16):
-        size += sum(t.numel() * t.element_size() for t in b.values() if isinstance(t, torch.Tensor))
-        batches.append(b)
-    if size <= KEEP_VALIDATION_BYTES:
-        _VALIDATION[run] = batches
-    return batches
+        if kept is not None:
+            size += sum(t.numel() * t.element_size() for t in b.values() if isinstance(t, torch.Tensor))
+            kept = None if size > KEEP_VALIDATION_BYTES else kept
+            if kept is not None:
+                kept.append(b)
+        yield b
+    if kept is not None:
+        _VALIDATION[run] = kept
 
 
 @torch.no_grad()
