@@ -28,6 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
+from med3dvlm.models.convert import from_released  # noqa: E402
 from med3dvlm.models.dcformer import build_dcformer  # noqa: E402
 
 TIMM_STANDIN = '''"""Stand-in for the three timm names the reference DCFormer imports (written for this harness)."""
@@ -78,6 +79,19 @@ def reference_dcformer(repo: Path, tmp: Path):
     return mod
 
 
+def same_math(ref, ours, x: torch.Tensor) -> float:
+    """Largest |difference| of the last stage's tokens with the reference's weights loaded into ours (train mode).
+
+    The reference takes (B, 1, D, H, W) as ours does and permutes it to (H, W, D) inside; its tokens come out in
+    (D, H, W) order, as ours do. The key mapping is `models.convert` (released checkpoints use it too)."""
+    state = ref.state_dict()  # `encoder.s0...`, as in pretrained_ViT.bin
+    ours.load_state_dict({k[len("vision."):]: v for k, v in from_released(state).items()})
+    with torch.no_grad():
+        a = ref(x)[-1]
+        b = ours(x)[-1]
+    return (a - b).abs().max().item()
+
+
 def step_time(model, x, steps: int, bf16: bool = False) -> float:
     """Seconds per forward+backward (mean of `steps` after one warm-up)."""
     def one():
@@ -106,9 +120,11 @@ def main():
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         ref_mod = reference_dcformer(a.med3dvlm, Path(tmp))
-        ref = ref_mod.decomp_small(input_size=tuple(a.shape)).train()
+        d, h, w = a.shape
+        ref = ref_mod.decomp_small(input_size=(h, w, d)).train()  # the reference's (H, W, D) layout
         ours = build_dcformer("small").train()
         x = torch.rand(1, 1, *a.shape)
+        diff = same_math(ref, ours, x)
         n_ref, n_ours = (sum(p.numel() for p in m.parameters()) for m in (ref, ours))
         times = {"reference": [], "ours": [], "ours_bf16": []}
         for _ in range(a.rounds):
@@ -120,14 +136,15 @@ def main():
             ("ours (med3dvlm.models.dcformer), float32", n_ours, med["ours"]),
             ("ours, bf16 autocast", n_ours, med["ours_bf16"])]
     print(f"DCFormer-small forward+backward, batch 1, 1x{'x'.join(map(str, a.shape))}, {a.threads} threads, "
-          f"torch {torch.__version__}, median of {a.rounds} interleaved rounds x {a.steps} steps")
+          f"torch {torch.__version__}, median of {a.rounds} interleaved rounds x {a.steps} steps; the reference's "
+          f"weights loaded into ours give the same tokens within {diff:.1e} (float32)")
     print("| model | params (M) | samples/s | x reference |\n|---|--:|--:|--:|")
     for name, n, s in rows:
         print(f"| {name} | {n / 1e6:.3f} | {1 / s:.3f} | {med['reference'] / s:.2f} |")
     out = ROOT / "bench" / "results" / "vs_reference.json"
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": "this project's 2-core / 24 GiB CPU box",
                                "command": "python bench/vs_reference.py --med3dvlm MIRROR", "threads": a.threads,
-                               "shape": list(a.shape), "seconds_per_step": times,
+                               "shape": list(a.shape), "max_abs_diff_same_weights": diff, "seconds_per_step": times,
                                "samples_per_s": {k: 1 / v for k, v in med.items()},
                                "ratio_vs_reference": {k: med["reference"] / v for k, v in med.items()}}, indent=1))
     print(f"-> {out}")

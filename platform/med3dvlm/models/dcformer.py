@@ -59,6 +59,12 @@ class Stem(nn.Sequential):
             *[DecompConv3d(cout, cout, 3, act=act) for _ in range(3)],
         )
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self[0](x).contiguous(memory_format=torch.channels_last_3d)  # see DCFormer.forward
+        for layer in list(self)[1:]:
+            x = layer(x)
+        return x
+
 
 class ConvBlock(nn.Module):
     """(optional downsample) -> depthwise decomposed token mixer -> channel MLP -> layer scale, with a residual."""
@@ -94,6 +100,8 @@ class DCFormer(nn.Module):
                 for b in range(c.num_blocks[s])
             ]))
         self.apply(self._init_weights)
+        self.to(memory_format=torch.channels_last_3d)  # see `forward`
+        self.stem[0].to(memory_format=torch.contiguous_format)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -117,6 +125,11 @@ class DCFormer(nn.Module):
         return grids
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # Channels-last after the first layer: oneDNN's and cuDNN's fast 3-D convolutions want NDHWC (forward+backward
+        # 1.1-1.2x on this project's CPU box, 1.42x on an H100: bench/results/vs_reference.json, gpu.md), and the
+        # tokens come out as views. The weights' layout is set in __init__; ZeRO's flat buffers may make them plain
+        # again, which costs speed, not correctness. The first layer (one input channel) stays plain: torch 2.13's
+        # oneDNN path corrupts the heap for a channels-last 1->C strided Conv3d at batch > 1.
         x = self.stem(x)
         feats = [x]
         for stage in self.stages:
