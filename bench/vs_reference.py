@@ -9,14 +9,24 @@ Rows: DCFormer-small forward+backward at batch 1, 1x32x256x256 (M3D's input), fl
 model and ours timed in interleaved rounds (median), then ours under bf16 autocast (reported separately). The ratio
 names its baseline: the reference code.
 
-    .venv/bin/python bench/vs_reference.py --med3dvlm /path/to/Med3DVLM [--threads 2] [--rounds 4] [--steps 2]
+Preprocessing rows (`--m3d` and/or `--preprocess`): the same synthetic M3D tree (N series of 120 PNG slices of
+512x512) goes through M3D's `Data/process/m3d_cap_data_prepare.py` (32x256x256, `.npy`) and Med3DVLM's
+`src/utils/m3d_cap_data_prepare_128.py` (128x256x256, `.nii.gz`), each extracted into a temporary folder and run as a
+whole command with its worker count set to this machine's cores (the only edit: `Pool(processes=32)` and
+`max_workers = 64`; they are read from the relative paths the scripts expect, which the harness lays out as links),
+and through ours (`python -m pipelines.preprocess --config m3d|paper`), in interleaved rounds. Each command also runs
+on an empty tree: its start-up and shut-down, so N / (t_N - t_empty) is the processing phase. Output agreement is
+the largest |ours - theirs| over the volumes, in 1/255. The reference scripts need `unidecode` and `SimpleITK`
+(not project dependencies: `--ref-python` names an interpreter that has them and the project's monai/Pillow).
 
-The preprocessing comparison of issue 19 (M3D's and Med3DVLM's data-prepare scripts) is not in this harness yet.
+    .venv/bin/python bench/vs_reference.py --med3dvlm /path/to/Med3DVLM [--threads 2] [--rounds 4] [--steps 2]
+    .venv/bin/python bench/vs_reference.py --med3dvlm MIRROR --m3d MIRROR --preprocess [--series 24] [--skip-encoder]
 """
 
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -61,9 +71,9 @@ def read_from(repo: Path, rel: str) -> str:
     """A file of the reference repository: from a work tree, else from a (bare) git mirror's HEAD."""
     if (repo / rel).is_file():
         return (repo / rel).read_text()
-    r = subprocess.run(["git", "--git-dir", str(repo), "show", f"HEAD:{rel}"], capture_output=True, text=True)
+    r = subprocess.run(["git", "--git-dir", str(repo), "show", f"HEAD:{rel}"], capture_output=True, text=True, check=False)
     if r.returncode:
-        sys.exit(f"error: {repo}: no {rel} (give a copy of mirthAI/Med3DVLM: a work tree or a git mirror)")
+        sys.exit(f"error: {repo}: no {rel} (give a copy of that repository: a work tree or a git mirror)")
     return r.stdout
 
 
@@ -108,45 +118,184 @@ def step_time(model, x, steps: int, bf16: bool = False) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--med3dvlm", required=True, type=Path, help="a copy of mirthAI/Med3DVLM (work tree or git mirror)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
-    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds (the median is reported)")
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
-    ap.add_argument("--shape", type=int, nargs=3, default=(32, 256, 256), help="input D H W")
-    a = ap.parse_args()
+def encoder_rows(a) -> dict:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         ref_mod = reference_dcformer(a.med3dvlm, Path(tmp))
         d, h, w = a.shape
-        ref = ref_mod.decomp_small(input_size=(h, w, d)).train()  # the reference's (H, W, D) layout
+        ref = ref_mod.decomp_small(input_size=(h, w, d)).train()  # its sizes are named (H, W, D)
         ours = build_dcformer("small").train()
         x = torch.rand(1, 1, *a.shape)
         diff = same_math(ref, ours, x)
-        n_ref, n_ours = (sum(p.numel() for p in m.parameters()) for m in (ref, ours))
+        n_params = sum(p.numel() for p in ours.parameters())
         times = {"reference": [], "ours": [], "ours_bf16": []}
         for _ in range(a.rounds):
             times["reference"].append(step_time(ref, x, a.steps))
             times["ours"].append(step_time(ours, x, a.steps))
             times["ours_bf16"].append(step_time(ours, x, a.steps, bf16=True))
     med = {k: statistics.median(v) for k, v in times.items()}
-    rows = [("reference (mirthAI/Med3DVLM dcformer.py), float32", n_ref, med["reference"]),
-            ("ours (med3dvlm.models.dcformer), float32", n_ours, med["ours"]),
-            ("ours, bf16 autocast", n_ours, med["ours_bf16"])]
-    print(f"DCFormer-small forward+backward, batch 1, 1x{'x'.join(map(str, a.shape))}, {a.threads} threads, "
-          f"torch {torch.__version__}, median of {a.rounds} interleaved rounds x {a.steps} steps; the reference's "
-          f"weights loaded into ours give the same tokens within {diff:.1e} (float32)")
-    print("| model | params (M) | samples/s | x reference |\n|---|--:|--:|--:|")
-    for name, n, s in rows:
-        print(f"| {name} | {n / 1e6:.3f} | {1 / s:.3f} | {med['reference'] / s:.2f} |")
+    rows = [("reference (mirthAI/Med3DVLM dcformer.py), float32", med["reference"]),
+            ("ours (med3dvlm.models.dcformer), float32", med["ours"]), ("ours, bf16 autocast", med["ours_bf16"])]
+    print(f"DCFormer-small ({n_params / 1e6:.3f} M parameters) forward+backward, batch 1, 1x{'x'.join(map(str, a.shape))}, "
+          f"{a.threads} threads, torch {torch.__version__}, median of {a.rounds} interleaved rounds x {a.steps} steps; "
+          f"the reference's weights loaded into ours give the same tokens within {diff:.1e} (float32)")
+    print("| model | samples/s | x reference |\n|---|--:|--:|")
+    for name, sec in rows:
+        print(f"| {name} | {1 / sec:.3f} | {med['reference'] / sec:.2f} |")
+    return {"threads": a.threads, "shape": list(a.shape), "max_abs_diff_same_weights": diff, "seconds_per_step": times,
+            "samples_per_s": {k: 1 / v for k, v in med.items()},
+            "ratio_vs_reference": {k: med["reference"] / v for k, v in med.items()}}
+
+
+# ---- preprocessing: the reference scripts as whole commands, beside ours --------------------------------------------
+
+SCRIPTS = {  # config -> (repository flag, file, edits that set the worker count, output suffix, shape)
+    "m3d": ("m3d", "Data/process/m3d_cap_data_prepare.py", [("Pool(processes=32)", "Pool(processes={n})")], ".npy"),
+    "paper": ("med3dvlm", "src/utils/m3d_cap_data_prepare_128.py", [("max_workers = 64", "max_workers = {n}")],
+              ".nii.gz"),
+}
+PEAK = ("import resource, runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__'); "
+        "print('PEAK_MB', max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, "
+        "resource.RUSAGE_CHILDREN)) / 1024)")
+
+
+def lay_out_reference(config: str, raw: Path, work: Path) -> None:
+    """A working folder where the reference script's relative input paths lead to `raw`'s ct_case series."""
+    work.mkdir(parents=True)
+    if config == "m3d":  # 'PATH/M3D_Cap/ct_case/' -> 'PATH/M3D_Cap_npy/ct_case/'
+        (work / "PATH" / "M3D_Cap").mkdir(parents=True)
+        (work / "PATH" / "M3D_Cap" / "ct_case").symlink_to(raw / "M3D_Cap" / "ct_case")
+        return
+    base = work / "data" / "M3D-Cap" / "M3D_Cap"  # './data/M3D-Cap/M3D_Cap/{ct_case,ct_quizze}' -> './data/M3D_Cap_npy'
+    base.mkdir(parents=True)
+    (base / "ct_case").symlink_to(raw / "M3D_Cap" / "ct_case")
+    (base / "ct_quizze").mkdir()
+
+
+def run_reference(a, config: str, raw: Path, work: Path) -> tuple[float, float]:
+    """(seconds, peak MiB of its largest process) of one whole run of the reference script."""
+    flag, rel, edits, _ = SCRIPTS[config]
+    text = read_from(getattr(a, flag), rel)
+    for old, new in edits:
+        if old not in text:
+            sys.exit(f"error: {rel}: '{old}' not found (the harness sets the worker count there)")
+        text = text.replace(old, new.format(n=a.workers))
+    lay_out_reference(config, raw, work)
+    (work / "prepare.py").write_text(text)
+    t = time.perf_counter()
+    r = subprocess.run([a.ref_python, "-c", PEAK, "prepare.py"], cwd=work, capture_output=True, text=True, check=False)
+    sec = time.perf_counter() - t
+    if r.returncode:
+        sys.exit(f"error: {rel} failed (does {a.ref_python} have unidecode, SimpleITK, monai?):\n{r.stderr[-2000:]}")
+    return sec, float(r.stdout.rsplit("PEAK_MB", 1)[1])
+
+
+def run_ours(config: str, raw: Path, out: Path) -> tuple[float, float]:
+    """(seconds, peak MiB of a preprocessing worker) of one whole `python -m pipelines.preprocess` command."""
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "pipelines.preprocess", "--config", config, "--raw", str(raw),
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, check=False)
+    sec = time.perf_counter() - t
+    if r.returncode:
+        sys.exit(f"error: pipelines.preprocess failed:\n{r.stderr[-2000:]}")
+    return sec, json.loads((out / "manifest.json").read_text())["figures"]["worker_peak_rss_mb"]
+
+
+def agreement(config: str, ours_out: Path, ref_out: Path) -> float:
+    """Largest |ours - reference| over all volumes, in units of 1/255."""
+    import nibabel as nib
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "platform"))
+    from med3dvlm.data.shards import read_table, volumes_from_table
+
+    table = read_table(ours_out, columns=["volume", "source"])
+    worst = 0.0
+    for vol, source in zip(volumes_from_table(table), table.column("source").to_pylist()):
+        case, series = Path(source).parts[-2:]
+        f = ref_out / case / f"{series}{SCRIPTS[config][3]}"
+        theirs = np.load(f)[0] if config == "m3d" else np.asarray(nib.load(f).dataobj).transpose(2, 1, 0)
+        worst = max(worst, float(np.abs(vol / 255.0 - theirs).max()) * 255)
+    return worst
+
+
+def preprocess_rows(a) -> dict:
+    """Per config: whole-command seconds on N series and on one (start-up, one volume, shut-down), interleaved."""
+    spec = importlib.util.spec_from_file_location("bench_preprocess", ROOT / "bench" / "preprocess.py")
+    bench_preprocess = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_preprocess)
+    configs = [c for c in SCRIPTS if getattr(a, SCRIPTS[c][0])]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        bench_preprocess.make_series(tmp / "many", a.series)
+        bench_preprocess.make_series(tmp / "one", 1)
+        runs = {c: {k: [] for k in ("reference", "reference_1", "ours", "ours_1")} for c in configs}
+        peaks = {c: {"reference": 0.0, "ours": 0.0} for c in configs}
+        for r in range(a.rounds):
+            for c in configs:
+                for size in ("many", "one"):
+                    tag = "" if size == "many" else "_1"
+                    sec, peak = run_reference(a, c, tmp / size, tmp / f"ref-{c}-{size}-{r}")
+                    runs[c]["reference" + tag].append(sec)
+                    peaks[c]["reference"] = max(peaks[c]["reference"], peak)
+                    sec, peak = run_ours(c, tmp / size, tmp / f"ours-{c}-{size}-{r}")
+                    runs[c]["ours" + tag].append(sec)
+                    peaks[c]["ours"] = max(peaks[c]["ours"], peak)
+            print(f"round {r + 1}/{a.rounds}: " + "; ".join(
+                f"{c}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in runs[c].items()) for c in configs), flush=True)
+        return {c: summarise(a, c, runs[c], peaks[c],
+                             agreement(c, tmp / f"ours-{c}-many-0", tmp / f"ref-{c}-many-0" / reference_out(c)))
+                for c in configs}
+
+
+def reference_out(config: str) -> str:
+    return "PATH/M3D_Cap_npy/ct_case" if config == "m3d" else "data/M3D_Cap_npy/ct_case"
+
+
+def summarise(a, config: str, runs: dict, peaks: dict, err: float) -> dict:
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    phase = {w: (a.series - 1) / max(med[w] - med[w + "_1"], 1e-9) for w in ("reference", "ours")}
+    d = {"m3d": 32, "paper": 128}[config]
+    print(f"\n{config} ({d}x256x256), {a.series} series of 120x512x512 PNG slices, {a.workers} reference workers, "
+          f"median of {a.rounds} interleaved rounds; max |ours - reference| {err:.2f}/255")
+    print("| | whole command (s) | processing phase (vol/s) | peak MiB of the largest process |\n|---|--:|--:|--:|")
+    for who, name in (("reference", SCRIPTS[config][1]), ("ours", f"pipelines.preprocess --config {config}")):
+        print(f"| {name} | {med[who]:.1f} | {phase[who]:.2f} | {peaks[who]:.0f} |")
+    ratio_whole, ratio_phase = med["reference"] / med["ours"], phase["ours"] / phase["reference"]
+    print(f"| ours / reference | {ratio_whole:.2f}x | {ratio_phase:.2f}x | {peaks['ours'] / peaks['reference']:.2f} |")
+    return {"series": a.series, "workers": a.workers, "seconds": runs, "processing_vol_per_s": phase,
+            "peak_mb": peaks, "max_abs_diff_255": err, "ratio_whole": ratio_whole, "ratio_processing": ratio_phase}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--med3dvlm", type=Path, help="a copy of mirthAI/Med3DVLM (work tree or git mirror)")
+    ap.add_argument("--m3d", type=Path, help="a copy of BAAI-DCAI/M3D (work tree or git mirror): preprocessing at 32 deep")
+    ap.add_argument("--preprocess", action="store_true", help="the preprocessing rows (each repository given)")
+    ap.add_argument("--skip-encoder", action="store_true", help="no DCFormer rows")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (encoder rows)")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds (the median is reported)")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
+    ap.add_argument("--shape", type=int, nargs=3, default=(32, 256, 256), help="encoder input D H W")
+    ap.add_argument("--series", type=int, default=24, help="series in the preprocessing tree")
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="the reference scripts' worker count")
+    ap.add_argument("--ref-python", default=sys.executable, help="interpreter for the reference scripts")
+    a = ap.parse_args()
+    if not (a.med3dvlm or a.m3d):
+        ap.error("give --med3dvlm and/or --m3d (local copies of the reference repositories)")
     out = ROOT / "bench" / "results" / "vs_reference.json"
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": "this project's 2-core / 24 GiB CPU box",
-                               "command": "python bench/vs_reference.py --med3dvlm MIRROR", "threads": a.threads,
-                               "shape": list(a.shape), "max_abs_diff_same_weights": diff, "seconds_per_step": times,
-                               "samples_per_s": {k: 1 / v for k, v in med.items()},
-                               "ratio_vs_reference": {k: med["reference"] / v for k, v in med.items()}}, indent=1))
+    result = json.loads(out.read_text()) if out.is_file() else {}  # rows not re-run this time are kept
+    result = {k: v for k, v in result.items() if k == "encoder" or k.startswith("preprocess_")}
+    common = {"date": time.strftime("%Y-%m-%d"), "machine": f"this project's {os.cpu_count()}-core CPU box"}
+    if a.med3dvlm and not a.skip_encoder:
+        result["encoder"] = {**common, "command": "python bench/vs_reference.py --med3dvlm MIRROR", **encoder_rows(a)}
+    if a.preprocess:
+        cmd = "python bench/vs_reference.py --med3dvlm MIRROR --m3d MIRROR --preprocess --skip-encoder " \
+              f"--series {a.series} --rounds {a.rounds}"
+        for config, row in preprocess_rows(a).items():
+            result[f"preprocess_{config}"] = {**common, "command": cmd, **row}
+    out.write_text(json.dumps(result, indent=1))
     print(f"-> {out}")
 
 

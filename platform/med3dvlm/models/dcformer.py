@@ -127,8 +127,8 @@ class DCFormer(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         # Channels-last after the first layer: oneDNN's and cuDNN's fast 3-D convolutions want NDHWC (forward+backward
         # 1.1-1.2x on this project's CPU box, 1.42x on an H100: bench/results/vs_reference.json, gpu.md), and the
-        # tokens come out as views. The weights' layout is set in __init__; ZeRO's flat buffers may make them plain
-        # again, which costs speed, not correctness. The first layer (one input channel) stays plain: torch 2.13's
+        # tokens come out as views. The weights are channels-last too (set in __init__; 1.12x more): DeepSpeed needs
+        # them plain (train/loop.py), and runs the activations channels-last all the same. The first layer (one input channel) stays plain: torch 2.13's
         # oneDNN path corrupts the heap for a channels-last 1->C strided Conv3d at batch > 1.
         x = self.stem(x)
         feats = [x]

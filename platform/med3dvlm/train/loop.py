@@ -130,6 +130,7 @@ def setup_engine(cfg: Config, config: dict, device):
     stage, use_gpu = config["stage"], cfg.train.use_gpu
     st = cfg.stage(stage)
     model = build_model(cfg, stage, config.get("init"))
+    model.to(memory_format=torch.contiguous_format)  # DeepSpeed broadcasts and flattens parameters as flat bytes
     if use_gpu:
         model = model.to(device)  # the DCFormer keeps itself channels-last (models/dcformer.py)
     optimizer = torch.optim.AdamW(param_groups(model, st.lr, st.weight_decay, st.text_lr_scale), lr=st.lr)
