@@ -17,10 +17,10 @@ whole command with its worker count set to this machine's cores (the only edit: 
 and through ours (`python -m pipelines.preprocess --config m3d|paper`), in interleaved rounds. Each command also runs
 on an empty tree: its start-up and shut-down, so N / (t_N - t_empty) is the processing phase. Output agreement is
 the largest |ours - theirs| over the volumes, in 1/255. The reference scripts need `unidecode` and `SimpleITK`
-(not project dependencies: `--ref-python` names an interpreter that has them and the project's monai/Pillow).
+(not project dependencies: `pip install --target DIR unidecode SimpleITK`, then `--ref-path DIR`; or `--ref-python`).
 
     .venv/bin/python bench/vs_reference.py --med3dvlm /path/to/Med3DVLM [--threads 2] [--rounds 4] [--steps 2]
-    .venv/bin/python bench/vs_reference.py --med3dvlm MIRROR --m3d MIRROR --preprocess [--series 24] [--skip-encoder]
+    .venv/bin/python bench/vs_reference.py --med3dvlm MIRROR --m3d MIRROR --preprocess --ref-path DIR [--series 24]
 """
 
 import argparse
@@ -184,7 +184,9 @@ def run_reference(a, config: str, raw: Path, work: Path) -> tuple[float, float]:
     lay_out_reference(config, raw, work)
     (work / "prepare.py").write_text(text)
     t = time.perf_counter()
-    r = subprocess.run([a.ref_python, "-c", PEAK, "prepare.py"], cwd=work, capture_output=True, text=True, check=False)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [a.ref_path, os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([a.ref_python, "-c", PEAK, "prepare.py"], cwd=work, env=env, capture_output=True, text=True,
+                       check=False)
     sec = time.perf_counter() - t
     if r.returncode:
         sys.exit(f"error: {rel} failed (does {a.ref_python} have unidecode, SimpleITK, monai?):\n{r.stderr[-2000:]}")
@@ -199,7 +201,7 @@ def run_ours(config: str, raw: Path, out: Path) -> tuple[float, float]:
     sec = time.perf_counter() - t
     if r.returncode:
         sys.exit(f"error: pipelines.preprocess failed:\n{r.stderr[-2000:]}")
-    return sec, json.loads((out / "manifest.json").read_text())["figures"]["worker_peak_rss_mb"]
+    return sec, json.loads((out / "run.json").read_text())["figures"]["worker_peak_rss_mb"]
 
 
 def agreement(config: str, ours_out: Path, ref_out: Path) -> float:
@@ -281,6 +283,7 @@ def main():
     ap.add_argument("--series", type=int, default=24, help="series in the preprocessing tree")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="the reference scripts' worker count")
     ap.add_argument("--ref-python", default=sys.executable, help="interpreter for the reference scripts")
+    ap.add_argument("--ref-path", help="extra import path for them (e.g. `pip install --target DIR unidecode SimpleITK`)")
     a = ap.parse_args()
     if not (a.med3dvlm or a.m3d):
         ap.error("give --med3dvlm and/or --m3d (local copies of the reference repositories)")

@@ -108,3 +108,10 @@ def test_library_imports_without_starting_ray():
             + "import ray\nassert not ray.is_initialized()\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_preprocessing_workers_never_import_torch():
+    """A shard task imports `data.shards` alone; torch would add seconds to every worker's start (issue 19)."""
+    code = "import sys, med3dvlm.data.shards, med3dvlm.data.preprocess\nprint('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "False", r.stderr[-2000:]

@@ -64,6 +64,16 @@ def init_ray(num_cpus: int | None = None):
     return ray
 
 
+def task_cpus() -> float:
+    """Logical CPUs that a CPU-bound task asks for so that no more of them run at once than there are cores: 1 on a
+    cluster someone started (Ray counts cores there), the oversubscription of the local Ray that `init_ray` starts."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return 1.0
+    return max(1.0, ray.cluster_resources().get("CPU", 1.0) / (os.cpu_count() or 1))
+
+
 def quiet_ray_libraries() -> None:
     """Ray Data's execution plans and Ray Train's/Tune's per-checkpoint lines stay in Ray's log files (under the
     session's `logs/`), not on the terminal, unless `--log-level info|debug` (or MED3DVLM_LOG_LEVEL) asks for them."""

@@ -30,20 +30,24 @@ def save_assignment(out: str, assignment: dict[str, int]) -> None:
     storage.write_text(storage.join(out, PLAN_FILE), json.dumps({"cases": assignment}, sort_keys=True))
 
 
-def assign_cases(sizes: dict[str, int], previous: dict[str, int], rows_per_shard: int) -> dict[str, int]:
-    """case id -> shard index: known cases keep theirs; new ones fill new shards after the highest one in use."""
+def assign_cases(sizes: dict[str, int], previous: dict[str, int], rows_per_shard: int,
+                 min_shards: int = 1) -> dict[str, int]:
+    """case id -> shard index: known cases keep theirs; new ones fill new shards after the highest one in use, at
+    most `rows_per_shard` volumes each and small enough that they make at least `min_shards` shards (one per core
+    that will work on them) when there are that many cases."""
     out = {c: previous[c] for c in sizes if c in previous}
     new = sorted((c for c in sizes if c not in previous), key=lambda c: hashlib.sha1(c.encode()).hexdigest())
+    per_shard = min(rows_per_shard, max(1, -(-sum(sizes[c] for c in new) // max(min_shards, 1))))
     shard, fill = max(previous.values(), default=-1) + 1, 0
     for c in new:
-        if fill and fill + sizes[c] > rows_per_shard:
+        if fill and fill + sizes[c] > per_shard:
             shard, fill = shard + 1, 0
         out[c] = shard
         fill += sizes[c]
     return out
 
 
-def plan_shards(items: list[Item], cfg, out: str, previous: dict[str, int] | None = None):
+def plan_shards(items: list[Item], cfg, out: str, previous: dict[str, int] | None = None, min_shards: int = 1):
     """(shard specs for `data.shards.process_shard`, the case -> shard assignment to record).
 
     Each spec carries a hash of its data config and items: a finished shard with the same hash is skipped."""
@@ -54,7 +58,7 @@ def plan_shards(items: list[Item], cfg, out: str, previous: dict[str, int] | Non
     sizes: dict[str, int] = {}
     for it in ok:
         sizes[it.case_id] = sizes.get(it.case_id, 0) + 1
-    assignment = assign_cases(sizes, previous or {}, cfg.data.rows_per_shard)
+    assignment = assign_cases(sizes, previous or {}, cfg.data.rows_per_shard, min_shards)
     by_shard: dict[int, list[dict]] = {}
     for it in sorted(ok, key=lambda it: it.volume_id):
         d = dataclasses.asdict(it)

@@ -17,7 +17,7 @@ from collections import Counter
 from med3dvlm import storage
 from med3dvlm.data.manifest import ManifestError, build_manifest, case_split
 from med3dvlm.data.plan import load_assignment, plan_shards, save_assignment
-from med3dvlm.runtime import UserError, init_ray, sha256_json, write_run_json
+from med3dvlm.runtime import UserError, init_ray, sha256_json, task_cpus, write_run_json
 
 
 def preprocess(cfg, raw, out, log=print) -> dict:
@@ -30,12 +30,15 @@ def preprocess(cfg, raw, out, log=print) -> dict:
         items, qa_quarantine = build_manifest(raw, cfg.data.case_split)
     except ManifestError as e:
         raise UserError(str(e)) from None
-    specs, assignment = plan_shards(items, cfg, out, load_assignment(out))
-    planned = time.time() - started
+    listed = time.time() - started
+    per_task, slots = _task_slots() if any(not it.error for it in items) else (1.0, 1)
+    t = time.time()
+    specs, assignment = plan_shards(items, cfg, out, load_assignment(out), min_shards=slots)
+    planned = listed + time.time() - t  # Ray's start-up is not part of it
     log(f"[preprocess] {len(items)} inputs, {sum(1 for i in items if i.error)} unusable before reading, "
         f"{len(specs)} shards of up to {cfg.data.rows_per_shard} volumes -> {out} (manifest and plan in {planned:.1f} s)")
     _delete_stale_shards(out, {s["index"] for s in specs})
-    results, peak = _run_shards(specs, started, log)
+    results, peak = _run_shards(specs, per_task, started, log)
     manifest = _manifest(cfg, raw, items, qa_quarantine, results)
     text = json.dumps(manifest, indent=1)
     save_assignment(out, assignment)
@@ -66,16 +69,23 @@ def _delete_stale_shards(out: str, planned: set[int]) -> None:
             storage.delete(storage.join(out, "_state", f"{name}.json"))
 
 
-def _run_shards(specs: list[dict], started: float, log) -> tuple[list[dict], float]:
+def _task_slots() -> tuple[float, int]:
+    """(logical CPUs per shard task, tasks that run at once): one task per core, whatever Ray's logical count (a
+    local Ray has twice the cores; four workers importing torch at once on two cores were slower than two)."""
+    ray = init_ray()
+    per_task = task_cpus()
+    return per_task, max(1, int(ray.cluster_resources().get("CPU", 1.0) // per_task))
+
+
+def _run_shards(specs: list[dict], per_task: float, started: float, log) -> tuple[list[dict], float]:
     import ray.data
 
     from med3dvlm.data.shards import process_shard
 
     if not specs:
         return [], 0.0
-    init_ray()
     results, peak, last = [], 0.0, 0.0
-    ds = ray.data.from_items(specs, override_num_blocks=len(specs)).map(process_shard, num_cpus=1)
+    ds = ray.data.from_items(specs, override_num_blocks=len(specs)).map(process_shard, num_cpus=per_task)
     for r in ds.iter_rows():
         peak = max(peak, r.pop("worker_peak_rss_mb", 0.0))
         results.append(r)
