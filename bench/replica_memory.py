@@ -4,7 +4,7 @@ The export: DCFormer-small + projector at the paper's 128x256x256 input, and a s
 with Qwen2.5-0.5B's shapes (24 layers, width 896, 14 heads, 2 KV heads, MLP 4864), random weights, the packaged
 MiniLM vocabulary (30,523 + the image token), saved with `save_pretrained`. Each row is a fresh process that does
 what a replica does: `VLM.from_pretrained(parts=...)`, then one request (encode one volume; generate 16 tokens) and
-reports its peak RSS (ru_maxrss) beside the bytes of the weights it holds. Targets (issue 18): an Encoder within its
+reports its peak RSS (VmHWM) beside the bytes of the weights it holds. Targets (issue 18): an Encoder within its
 weights + 1 GiB, a Generator within its weights + 1.5 GiB. "before" rows load the way this project did until
 2026-11-28 (a randomly initialised model, then a whole state dict copied in), for comparison.
 
@@ -13,7 +13,6 @@ weights + 1 GiB, a Generator within its weights + 1.5 GiB. "before" rows load th
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -56,6 +55,18 @@ def build_export(work: Path) -> Path:
     return export
 
 
+def status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def peak_rss() -> int:
+    """This process's peak resident bytes (VmHWM): unlike ru_maxrss, it does not carry the parent's peak across the
+    fork and exec that start a child (which had made every row read the export builder's 2.2 GiB)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def replica(export: str, part: str, dtype: str, how: str, threads: int) -> dict:
     """One replica's load and one request, in this (fresh) process."""
     import torch
@@ -63,7 +74,7 @@ def replica(export: str, part: str, dtype: str, how: str, threads: int) -> dict:
     from med3dvlm.models.vlm import VLM
 
     torch.set_num_threads(threads)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss()
     dt = getattr(torch, dtype)
     t = time.perf_counter()
     vlm = VLM.from_pretrained(export, parts=(part,), dtype=dt) if how == "now" else before(export, part, dt)
@@ -78,8 +89,9 @@ def replica(export: str, part: str, dtype: str, how: str, threads: int) -> dict:
             vlm.generate_from_features(feats, ["Describe the findings of this CT scan."], max_new_tokens=16,
                                        min_new_tokens=16)
         request_s = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"weights_gib": weights / GiB, "peak_rss_gib": peak / GiB, "over_weights_gib": (peak - weights) / GiB,
+    peak = peak_rss()
+    return {"anon_rss_after_gib": status_bytes("RssAnon") / GiB, "file_rss_after_gib": status_bytes("RssFile") / GiB,
+            "weights_gib": weights / GiB, "peak_rss_gib": peak / GiB, "over_weights_gib": (peak - weights) / GiB,
             "imports_rss_gib": base / GiB, "load_s": load_s, "request_s": request_s}
 
 
@@ -133,7 +145,8 @@ def main():
         rows.append(r)
         print(f"{name:9} {dtype:8} {how:6}: weights {r['weights_gib']:.2f} GiB, peak RSS {r['peak_rss_gib']:.2f} GiB "
               f"(+{r['over_weights_gib']:.2f} over the weights; allowance {allowance} GiB: "
-              f"{'within' if r['within'] else 'OVER'}), load {r['load_s']:.1f} s, request {r['request_s']:.1f} s")
+              f"{'within' if r['within'] else 'OVER'}), after the request anonymous {r['anon_rss_after_gib']:.2f} GiB + "
+              f"file-backed {r['file_rss_after_gib']:.2f} GiB, load {r['load_s']:.1f} s, request {r['request_s']:.1f} s")
     res = {"date": time.strftime("%Y-%m-%d"), "machine": "this project's 2-core / 24 GiB CPU box",
            "command": "python bench/replica_memory.py", "export": "DCFormer-small 128x256x256 + Qwen2 (0.5B shapes, "
            "30,524-token vocabulary, untied head), random weights", "rows": rows}
