@@ -1,9 +1,9 @@
-"""Raw M3D-style data (or a folder of volumes + reports) -> Parquet shards + manifest.json, on Ray Data.
+"""Raw M3D-style data (or a folder of volumes + reports) -> Parquet shards + manifest.json, one Ray task per shard.
 
     python -m pipelines.preprocess --config m3d --raw /data/M3D --out /data/shards
     python -m pipelines.preprocess --config m3d --raw s3://bucket/M3D --out s3://bucket/shards
 
-The driver builds the manifest (cheap: folder listing, JSON/CSV parsing); each shard is one Ray Data task that reads,
+The driver builds the manifest (cheap: folder listing, JSON/CSV parsing); each shard is one Ray task that reads,
 transforms and writes its volumes. Finished shards are skipped on a re-run.
 """
 
