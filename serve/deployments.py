@@ -71,6 +71,7 @@ class Encoder:
         _threads()
         self.device, self.dtype = torch.device(device), getattr(torch, dtype or "float32")
         self.vlm = VLM.from_pretrained(model_dir, parts=("vision",), dtype=self.dtype, device=self.device).eval()
+        self.vlm.vision.fold_batchnorm()  # 1.31x at 128x256x256 on CPU (README: measured figures)
         self.batch_sizes: list[int] = []
 
     def encode_now(self, volumes: list[np.ndarray]) -> list[np.ndarray]:

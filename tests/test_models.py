@@ -1,5 +1,6 @@
 """Model library: DCFormer, projector, sigmoid loss (world size 1 == 2), VLM splice/labels/generation, LoRA, I/O."""
 
+import copy
 import math
 import os
 import socket
@@ -294,3 +295,22 @@ def test_released_branches_follow_the_reference_hwd_layout():
         y = F.conv3d(xh, rel[f"{p}.0.weight"], rel[f"{p}.0.bias"], padding=pad)
         out = out + F.batch_norm(y, rel[f"{p}.1.running_mean"], rel[f"{p}.1.running_var"], rel[f"{p}.1.weight"], rel[f"{p}.1.bias"])
     assert torch.allclose(out.permute(0, 1, 4, 2, 3), ours(x), atol=1e-5)
+
+
+def test_folded_batchnorm_gives_the_same_tokens_in_eval_mode():
+    enc = build_dcformer("nano")
+    g = torch.Generator().manual_seed(0)
+    for m in enc.modules():  # running statistics and affine terms far from the identity, so folding matters
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.normal_(0, 0.5, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+            m.weight.data.normal_(1, 0.3, generator=g)
+            m.bias.data.normal_(0, 0.3, generator=g)
+    x = torch.rand(2, 1, 32, 64, 64, generator=g)
+    with torch.no_grad():
+        before = enc.eval()(x)
+        after = copy.deepcopy(enc).fold_batchnorm()(x)
+    assert all(((a - b).abs().max() / a.abs().max()).item() <= 1e-5 for a, b in zip(before, after))
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in copy.deepcopy(enc).fold_batchnorm().modules())
+    with pytest.raises(ValueError, match="eval mode"):
+        enc.train().fold_batchnorm()

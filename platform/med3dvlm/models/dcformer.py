@@ -137,6 +137,22 @@ class DCFormer(nn.Module):
             feats.append(x)
         return [f.flatten(2).transpose(1, 2) for f in feats]  # (B, D*H*W, C), (D, H, W) order
 
+    def fold_batchnorm(self) -> DCFormer:
+        """For inference only: each branch's BatchNorm folded into its convolution (`fuse_conv_bn_eval`), same outputs
+        in eval mode within float rounding and one pass less over every activation. Irreversible; the module's
+        state dict no longer matches an export's, so fold after loading."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        if self.training:
+            raise ValueError("fold_batchnorm is for eval mode (BatchNorm's running statistics are folded in)")
+        for m in self.modules():
+            if isinstance(m, DecompConv3d):
+                for branch in m.branches:
+                    if isinstance(branch[1], nn.BatchNorm3d):
+                        branch[0] = fuse_conv_bn_eval(branch[0], branch[1])
+                        branch[1] = nn.Identity()
+        return self
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
