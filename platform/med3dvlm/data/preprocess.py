@@ -1,4 +1,4 @@
-"""The preprocessing run: raw data -> Parquet shards + manifest.json, one Ray task per shard (one task per core at a time).
+"""The preprocessing run: raw data -> Parquet shards + manifest.json, one Ray task per shard, one per core at a time.
 
 The driver builds the manifest (folder listing, JSON/CSV parsing) and the shard plan; each shard is one task that
 reads, transforms and writes its volumes. Finished shards are skipped on a re-run. count(inputs) == count(rows) +

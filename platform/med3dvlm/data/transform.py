@@ -61,8 +61,8 @@ def resize_trilinear(arr: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray
     """(D, H, W) -> `shape`, trilinear (align_corners=False, no anti-aliasing), float32; axes that shrink most first."""
     out = arr
     for axis in sorted(range(3), key=lambda a: shape[a] / arr.shape[a]):
-        out = _resize_axis(out, axis, shape[axis])
-    return out.astype(np.float32, copy=False)
+        out = _resize_axis(out, axis, shape[axis])  # float32 from the first axis on
+    return out
 
 
 def uses_window(vol: Volume, window_mode: str = "auto") -> bool:

@@ -125,11 +125,12 @@ class DCFormer(nn.Module):
         return grids
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        # Channels-last after the first layer: oneDNN's and cuDNN's fast 3-D convolutions want NDHWC (forward+backward
-        # 1.1-1.2x on this project's CPU box, 1.42x on an H100: bench/results/vs_reference.json, gpu.md), and the
-        # tokens come out as views. The weights are channels-last too (set in __init__; 1.12x more): DeepSpeed needs
-        # them plain (train/loop.py), and runs the activations channels-last all the same. The first layer (one input channel) stays plain: torch 2.13's
-        # oneDNN path corrupts the heap for a channels-last 1->C strided Conv3d at batch > 1.
+        # Channels-last after the first layer: oneDNN's and cuDNN's fast 3-D convolutions want NDHWC (with the
+        # weights channels-last too, set in __init__: 1.45-1.52x the reference's fwd+bwd on this project's CPU box,
+        # bench/results/vs_reference.json; 1.42x on an H100, gpu.md), and the tokens come out as views. DeepSpeed
+        # needs the weights plain (train/loop.py); the activations stay channels-last. The first layer (one input
+        # channel) stays plain: torch 2.13's oneDNN corrupts the heap for a channels-last 1->C strided Conv3d at
+        # batch > 1.
         x = self.stem(x)
         feats = [x]
         for stage in self.stages:

@@ -83,7 +83,8 @@ def copy_state(module, path: Path, prefixes: tuple[str, ...]) -> None:
     file = str(Path(path) / "model.safetensors")
     with safe_open(file, framework="pt") as f:
         keys = [k for k in f.keys() if k.startswith(prefixes)]
-        sizes = {k: _ITEMSIZE.get(f.get_slice(k).get_dtype(), 8) * math.prod(f.get_slice(k).get_shape()) for k in keys}
+        slices = {k: f.get_slice(k) for k in keys}
+        sizes = {k: _ITEMSIZE.get(s.get_dtype(), 8) * math.prod(s.get_shape()) for k, s in slices.items()}
     missing, unexpected = sorted(set(own) - set(keys)), sorted(set(keys) - set(own))
     if missing or unexpected:
         raise ExportError(f"{path}: the export's tensors do not fit the model (missing {missing[:5]}, unexpected "

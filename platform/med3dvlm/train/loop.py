@@ -132,7 +132,7 @@ def setup_engine(cfg: Config, config: dict, device):
     model = build_model(cfg, stage, config.get("init"))
     model.to(memory_format=torch.contiguous_format)  # DeepSpeed broadcasts and flattens parameters as flat bytes
     if use_gpu:
-        model = model.to(device)  # the DCFormer keeps itself channels-last (models/dcformer.py)
+        model = model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, st.lr, st.weight_decay, st.text_lr_scale), lr=st.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(config["total_steps"], st.warmup_ratio))
     _stub_deepspeed_jit()
