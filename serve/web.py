@@ -90,9 +90,11 @@ $("upload").onclick = async () => {
     $("views").className = j.preprocessing.format === "nifti" ? "" : "plain";
     $("status").textContent = `volume ${vid} (${f.name}): ${j.preprocessing.format} ` +
       `${j.preprocessing.input_shape.join("x")} -> ${shape.join("x")}`;
-    for (const a of [0, 1, 2]) { $("s" + a).max = shape[a] - 1; $("s" + a).value = Math.floor(shape[a] / 2);
-      $("s" + a).oninput = () => show(a); await show(a); }
+    // the volume is ready for questions now; its slices load alongside
     $("views").hidden = false; for (const b of ["report", "ask", "similar"]) $(b).disabled = false;
+    for (const a of [0, 1, 2]) { $("s" + a).max = shape[a] - 1; $("s" + a).value = Math.floor(shape[a] / 2);
+      $("s" + a).oninput = () => show(a); }
+    await Promise.all([0, 1, 2].map(show));
   } catch (e) { clearVolume(); $("status").textContent = `${f.name} refused: ${e.message}`; $("status").className = "err"; }
 };
 async function run(out, path, fd, render){

@@ -275,6 +275,7 @@ def test_web_page_uploads_a_volume_and_shows_a_report(served, tmp_path):
         drv.find_element(By.ID, "upload").click()
         WebDriverWait(drv, 60).until(lambda d: "volume " in d.find_element(By.ID, "status").text)
         WebDriverWait(drv, 30).until(lambda d: (d.find_element(By.ID, "img0").get_attribute("src") or "").startswith("blob:"))
+        assert drv.find_element(By.ID, "report").is_enabled()
         drv.find_element(By.ID, "max_tokens").clear()
         drv.find_element(By.ID, "max_tokens").send_keys("8")
         drv.find_element(By.ID, "report").click()
