@@ -31,7 +31,7 @@ demo: setup
 	$(PY) -m pipelines.demo
 
 test: setup
-	set -o pipefail; timeout 3600 $(PY) -m pytest tests 2>&1 | tee .venv/last-test.log
+	set -o pipefail; timeout 4800 $(PY) -m pytest tests --durations=25 2>&1 | tee .venv/last-test.log
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not ray"
