@@ -1,9 +1,12 @@
 """Serving latency and throughput at the tiny config: p50/p95 and requests/s for /v1/retrieve and /v1/report with 1
-and 2 Encoder+Generator replicas, beside the encoder's bare forward time (in-process, batch 1).
+and 2 Encoder+Generator replicas, time to first token of streamed reports beside their whole latency, and a stepped
+load on an autoscaled app (Generator replicas over time, throughput vs 1 fixed replica), beside the encoder's bare
+forward time (in-process, batch 1).
 
-Uses the demo's models (run `make demo` first) or --model/--clip/--index. Load: --clients threads, --requests each.
+Uses the demo's models (run `make demo` first) or --model/--clip/--index. Load: --clients threads, --requests each;
+the stepped load holds each of --steps client counts for --step-s seconds.
 
-    .venv/bin/python bench/serve.py [--clients 8] [--requests 48] [--new-tokens 32]
+    .venv/bin/python bench/serve.py [--clients 8] [--requests 48] [--new-tokens 32] [--steps 1,4,16] [--step-s 30]
 """
 
 import argparse
@@ -45,6 +48,60 @@ def load(fn, n: int, clients: int) -> dict:
             "non_200": sum(c != 200 for c in codes)}
 
 
+def first_token(base: str, vid: str, new_tokens: int):
+    """A streamed report: (status, seconds to its first piece, seconds to its end)."""
+    t = time.perf_counter()
+    with requests.post(base + "/v1/report", data={"volume_id": vid, "max_new_tokens": new_tokens, "stream": "true"},
+                       stream=True, timeout=300) as r:
+        ttft = None
+        for line in r.iter_lines():
+            if ttft is None and line.startswith(b"data: "):
+                ttft = time.perf_counter() - t
+    return r.status_code, ttft, time.perf_counter() - t
+
+
+def load_stream(base: str, vid: str, new_tokens: int, n: int, clients: int) -> dict:
+    with cf.ThreadPoolExecutor(clients) as ex:
+        res = list(ex.map(lambda _: first_token(base, vid, new_tokens), range(n)))
+    ttft, whole = [x[1] for x in res if x[1] is not None], [x[2] for x in res]
+    return {"ttft_p50_ms": 1000 * statistics.median(ttft), "ttft_p95_ms": 1000 * statistics.quantiles(ttft, n=20)[18],
+            "whole_p50_ms": 1000 * statistics.median(whole), "non_200": sum(x[0] != 200 for x in res)}
+
+
+def running(app: str) -> int:
+    from ray import serve
+
+    states = serve.status().applications[app].deployments["Generator"].replica_states
+    return sum(n for st, n in states.items() if str(getattr(st, "value", st)).upper() == "RUNNING")
+
+
+def stepped(base: str, vid: str, new_tokens: int, steps: list[int], step_s: float, app: str) -> dict:
+    """Hold each client count for `step_s` seconds; every second, the Generator's running replicas and completions."""
+    import threading
+
+    done, timeline, t0 = [], [], time.perf_counter()
+
+    def client(stop):
+        while not stop.is_set():
+            r = requests.post(base + "/v1/report", data={"volume_id": vid, "max_new_tokens": new_tokens}, timeout=300)
+            done.append(r.status_code)
+
+    for n in steps:
+        stop = threading.Event()
+        threads = [threading.Thread(target=client, args=(stop,)) for _ in range(n)]
+        for t in threads:
+            t.start()
+        end = time.perf_counter() + step_s
+        while time.perf_counter() < end:
+            time.sleep(1)
+            timeline.append({"t_s": round(time.perf_counter() - t0, 1), "clients": n, "generator_replicas": running(app),
+                             "completed": len(done)})
+        stop.set()
+        for t in threads:
+            t.join()
+    return {"timeline": timeline, "non_200": sum(c != 200 for c in done)}
+
+
 def bare_encoder(model: str, reps: int = 10) -> float:
     import torch
 
@@ -61,6 +118,74 @@ def bare_encoder(model: str, reps: int = 10) -> float:
     return 1000 * (time.perf_counter() - t) / reps
 
 
+def fixed(base: str, a, replicas: int, app_args: dict) -> list[dict]:
+    """Rows for /v1/retrieve, /v1/report and the streamed report at a fixed number of Encoder+Generator replicas."""
+    from ray import serve
+
+    from serve.app import build_app
+    from uploads import nifti_bytes, volume
+
+    serve.run(build_app({**app_args, "replicas": replicas}), name="bench", route_prefix="/")
+    vid = requests.post(base + "/v1/upload", files={"file": ("s.nii.gz", nifti_bytes(volume((40, 96, 96))))},
+                        timeout=120).json()["volume_id"]
+    retrieve = load(lambda i: requests.post(base + "/v1/retrieve", data={"text": f"lesion in the liver {i}", "k": 5},
+                                            timeout=300), a.requests, a.clients)
+    report = load(lambda i: requests.post(base + "/v1/report", data={"volume_id": vid, "max_new_tokens": a.new_tokens},
+                                          timeout=300), a.requests, a.clients)
+    streamed = load_stream(base, vid, a.new_tokens, a.requests, a.clients)
+    serve.delete("bench")
+    return [{"endpoint": "/v1/retrieve", "replicas": replicas, **retrieve},
+            {"endpoint": "/v1/report", "replicas": replicas, **report},
+            {"endpoint": "/v1/report stream=true", "replicas": replicas, **streamed}]
+
+
+def autoscaled(base: str, a, app_args: dict) -> dict:
+    """The stepped load on an autoscaled app (short delays), then idle until the Generator is back to 1 replica."""
+    from ray import serve
+
+    from serve.app import build_app
+    from uploads import nifti_bytes, volume
+
+    serve.run(build_app({**app_args, "upscale_delay_s": 2, "downscale_delay_s": 10}), name="auto", route_prefix="/")
+    vid = requests.post(base + "/v1/upload", files={"file": ("s.nii.gz", nifti_bytes(volume((40, 96, 96))))},
+                        timeout=120).json()["volume_id"]
+    res = stepped(base, vid, a.new_tokens, [int(x) for x in a.steps.split(",")], a.step_s, "auto")
+    t0, t_end = time.perf_counter(), res["timeline"][-1]["t_s"]
+    while running("auto") > 1 and time.perf_counter() - t0 < 120:
+        time.sleep(1)
+    res["back_to_1_after_s"] = round(time.perf_counter() - t0, 1) if running("auto") == 1 else None
+    per_step = {}
+    for n in dict.fromkeys(r["clients"] for r in res["timeline"]):
+        pts = [r for r in res["timeline"] if r["clients"] == n]
+        per_step[n] = {"req_per_s": (pts[-1]["completed"] - pts[0]["completed"]) / max(pts[-1]["t_s"] - pts[0]["t_s"], 1e-9),
+                       "max_generator_replicas": max(r["generator_replicas"] for r in pts)}
+    res["per_step"], res["load_s"] = per_step, t_end
+    serve.delete("auto")
+    return res
+
+
+def print_tables(a, enc_ms: float, rows: list[dict], auto: dict) -> None:
+    print(f"\nServing, tiny config, {a.clients} concurrent clients x {a.requests} requests, report "
+          f"max_new_tokens={a.new_tokens}; encoder bare forward (batch 1, 1 thread): {enc_ms:.1f} ms")
+    print("| endpoint | Encoder+Generator replicas | p50 ms | p95 ms | req/s | vs 1 replica | non-200 |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
+    for r in (r for r in rows if "req_per_s" in r):
+        base_r = next(x for x in rows if x["endpoint"] == r["endpoint"] and x["replicas"] == 1)
+        print(f"| {r['endpoint']} | {r['replicas']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['req_per_s']:.2f} | "
+              f"{r['req_per_s'] / base_r['req_per_s']:.2f}x | {r['non_200']} |")
+    print("\n| streamed report | replicas | first token p50 ms | p95 ms | whole answer p50 ms | non-200 |\n|---|--:|--:|--:|--:|--:|")
+    for r in (r for r in rows if "ttft_p50_ms" in r):
+        print(f"| {a.new_tokens} new tokens | {r['replicas']} | {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | "
+              f"{r['whole_p50_ms']:.0f} | {r['non_200']} |")
+    one = next(r for r in rows if r["endpoint"] == "/v1/report" and r["replicas"] == 1)["req_per_s"]
+    print(f"\nAutoscaled (upscale 2 s, downscale 10 s), /v1/report, {a.step_s:g} s per step; vs 1 fixed replica at "
+          f"{a.clients} clients ({one:.2f} req/s)")
+    print("| clients | req/s | Generator replicas (max) | vs 1 fixed replica |\n|--:|--:|--:|--:|")
+    for n, st in auto["per_step"].items():
+        print(f"| {n} | {st['req_per_s']:.2f} | {st['max_generator_replicas']} | {st['req_per_s'] / one:.2f}x |")
+    print(f"back to 1 Generator replica {auto['back_to_1_after_s']} s after the load stopped; non-200: {auto['non_200']}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "out/demo/ckpt/stage3"))
@@ -69,45 +194,28 @@ def main():
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--steps", default="1,4,8", help="client counts of the stepped load, in order")
+    p.add_argument("--step-s", type=float, default=30)
     a = p.parse_args()
     import ray
     from ray import serve
 
     sys.path.insert(0, str(ROOT / "tests"))
     from med3dvlm.runtime import init_ray
-    from serve.app import build_app
-    from uploads import nifti_bytes, volume
 
     enc_ms = bare_encoder(a.model)
     init_ray()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
-    rows = []
-    for replicas in (1, 2):
-        serve.run(build_app({"model": a.model, "clip": a.clip, "index": a.index, "replicas": replicas,
-                             "replica_cpus": 0.5}), name="bench", route_prefix="/")
-        vid = requests.post(base + "/v1/upload", files={"file": ("s.nii.gz", nifti_bytes(volume((40, 96, 96))))},
-                            timeout=120).json()["volume_id"]
-        retrieve = load(lambda i: requests.post(base + "/v1/retrieve", data={"text": f"lesion in the liver {i}", "k": 5},
-                                                timeout=300), a.requests, a.clients)
-        report = load(lambda i: requests.post(base + "/v1/report", data={"volume_id": vid, "max_new_tokens": a.new_tokens},
-                                              timeout=300), a.requests, a.clients)
-        rows += [{"endpoint": "/v1/retrieve", "replicas": replicas, **retrieve},
-                 {"endpoint": "/v1/report", "replicas": replicas, **report}]
-        serve.delete("bench")
+    base, app_args = f"http://127.0.0.1:{port}", {"model": a.model, "clip": a.clip, "index": a.index, "replica_cpus": 0.5}
+    rows = fixed(base, a, 1, app_args) + fixed(base, a, 2, app_args)
+    auto = autoscaled(base, a, app_args)
     serve.shutdown()
     ray.shutdown()
-    print(f"\nServing, tiny config, {a.clients} concurrent clients x {a.requests} requests, report "
-          f"max_new_tokens={a.new_tokens}; encoder bare forward (batch 1, 1 thread): {enc_ms:.1f} ms")
-    print("| endpoint | Encoder+Generator replicas | p50 ms | p95 ms | req/s | vs 1 replica | non-200 |")
-    print("|---|--:|--:|--:|--:|--:|--:|")
-    for r in rows:
-        base_r = next(x for x in rows if x["endpoint"] == r["endpoint"] and x["replicas"] == 1)
-        print(f"| {r['endpoint']} | {r['replicas']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['req_per_s']:.2f} | "
-              f"{r['req_per_s'] / base_r['req_per_s']:.2f}x | {r['non_200']} |")
+    print_tables(a, enc_ms, rows, auto)
     out = ROOT / "bench" / "results" / "serve.json"
-    out.write_text(json.dumps({"args": vars(a), "encoder_bare_ms": enc_ms, "rows": rows}, indent=1))
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "args": vars(a), "encoder_bare_ms": enc_ms,
+                               "rows": rows, "autoscaled": auto}, indent=1))
     print(f"written {out.relative_to(ROOT)}")
 
 

@@ -1,6 +1,6 @@
 """The HTTP API: a FastAPI ingress (OpenAPI at /docs, the web page at /) over the deployments' handles."""
 
-import hashlib
+import asyncio
 import hmac
 import io
 import json
@@ -12,8 +12,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from ray import serve
 
 from med3dvlm.eval.vqa import first_choice
+from med3dvlm.io.volume_store import VolumeStore
 from med3dvlm.models.prompt import LETTERS, question_prompt
-from serve.deployments import AUTOSCALE
+from .deployments import AUTOSCALE
 
 MAX_NEW_TOKENS = 512
 MAX_PROMPT_CHARS = 2000  # a report request or a question
@@ -38,13 +39,22 @@ async def limit_body(request: Request, call_next):
     return await call_next(request)
 
 
+@api.middleware("http")
+async def replica_header(request: Request, call_next):
+    """Which ingress replica answered (operators follow a request across replicas with it)."""
+    response = await call_next(request)
+    response.headers["X-Med3dvlm-Replica"] = serve.get_replica_context().replica_id.unique_id
+    return response
+
+
 @serve.deployment(autoscaling_config={**AUTOSCALE, "target_ongoing_requests": 16}, ray_actor_options={"num_cpus": 0.5},
                   max_ongoing_requests=64)
 @serve.ingress(api)
 class Api:
-    def __init__(self, preprocessor, encoder, generator, retriever, cache, token: str | None, max_upload_bytes: int,
-                 model_info: dict):
-        self.pre, self.enc, self.gen, self.ret, self.cache = preprocessor, encoder, generator, retriever, cache
+    def __init__(self, preprocessor, encoder, generator, retriever, uploads: dict, token: str | None,
+                 max_upload_bytes: int, model_info: dict):
+        self.pre, self.enc, self.gen, self.ret = preprocessor, encoder, generator, retriever
+        self.store = VolumeStore(uploads["root"], uploads["max_stored"])
         self.token, self.max_bytes, self.model_info = token, max_upload_bytes, model_info
         api.state.max_upload_bytes = max_upload_bytes
 
@@ -74,14 +84,14 @@ class Api:
             timings["preprocess_s"] = round(time.perf_counter() - t, 4)
             if "error" in res:
                 raise HTTPException(400, res["error"])
-            vid = hashlib.sha256(res["volume"].tobytes()).hexdigest()[:16]
             item = {"volume": res["volume"], "info": res["info"], "name": file.filename}
-            await self.cache.put.remote(vid, item)
+            vid = await asyncio.to_thread(self.store.put, item)
             return vid, item, timings
         if volume_id:
-            item = await self.cache.get.remote(volume_id)
+            item = await asyncio.to_thread(self.store.get, volume_id)
             if item is None:
-                raise HTTPException(404, f"volume_id {volume_id}: unknown or evicted from the cache; upload the file again")
+                raise HTTPException(404, f"volume_id {volume_id[:64]}: unknown or expired (the server keeps the newest "
+                                         f"{self.store.max_stored} uploads); upload the file again")
             return volume_id, item, timings
         raise HTTPException(400, "send a volume file (field `file`) or the `volume_id` of a previous upload")
 
@@ -133,7 +143,7 @@ class Api:
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok", "model": self.model_info, "retrieval": self.ret is not None,
-                "cached_volumes": await self.cache.count.remote()}
+                "replica": serve.get_replica_context().replica_id.unique_id}
 
     @api.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     def docs(self) -> HTMLResponse:
@@ -156,7 +166,7 @@ class Api:
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(self) -> str:
-        from serve.web import PAGE
+        from .web import PAGE
 
         return PAGE
 

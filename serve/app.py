@@ -10,12 +10,15 @@ DeploymentHandles. Arguments (`key=value` after the import path, or `args:` in Y
                    (each a path or a storage URI such as s3://bucket/ckpt/stage3; a URI is copied once per node)
     config         preprocessing preset/YAML (default: as      token          bearer token (or $MED3DVLM_SERVE_TOKEN)
                    the export records its training data)
-    max_upload_mb  upload limit (256)                          cache_size     volumes kept for follow-up questions (64)
+    max_upload_mb  upload limit (256)                          cache_size     uploads kept for follow-up requests (256)
+    uploads        where uploads are kept, by content hash: a path or URI every ingress replica reaches (default: a
+                   folder in this machine's temp dir; with ingress replicas on several nodes give s3://... or NFS)
     device         cpu | cuda (cpu)                            index_split    only this split in the index (all)
     dtype          the Encoder's and Generator's weights: float32 (default) | bfloat16 | float16 (on a GPU)
     replica_cpus   CPUs per replica for every deployment (default: each deployment's own)
     gpus_per_replica  GPUs for each Encoder and Generator replica when device=cuda (1)
     replicas       a fixed number of Encoder and Generator replicas instead of autoscaling
+    ingress_replicas  a fixed number of `Api` (HTTP ingress) replicas instead of autoscaling
     upscale_delay_s / downscale_delay_s   the autoscaled deployments' delays (5 / 60 s)
 """
 
@@ -24,13 +27,13 @@ import sys
 
 from ray import serve
 
-from serve.api import Api
-from serve.deployments import Encoder, Generator, Preprocessor, Retriever, VolumeCache
+from .api import Api
+from .deployments import Encoder, Generator, Preprocessor, Retriever
 
-__all__ = ["build_app", "APP_ARGS", "Api", "Encoder", "Generator", "Preprocessor", "Retriever", "VolumeCache"]
+__all__ = ["build_app", "APP_ARGS", "Api", "Encoder", "Generator", "Preprocessor", "Retriever"]
 APP_ARGS = {"model", "clip", "index", "index_split", "index_split_field", "config", "token", "max_upload_mb",
-            "cache_size", "device", "dtype", "replica_cpus", "gpus_per_replica", "replicas", "upscale_delay_s",
-            "downscale_delay_s"}
+            "cache_size", "uploads", "device", "dtype", "replica_cpus", "gpus_per_replica", "replicas",
+            "ingress_replicas", "upscale_delay_s", "downscale_delay_s"}
 
 
 def data_settings(meta: dict, config: str | None) -> dict:
@@ -68,7 +71,7 @@ def build_app(args: dict) -> serve.Application:
     device, dtype = args.get("device", "cpu"), args.get("dtype")
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise ValueError(f"dtype={dtype}: float32, bfloat16 or float16")
-    deps = {d.name: d for d in (Api, Preprocessor, Encoder, Generator, VolumeCache) + ((Retriever,) if clip else ())}
+    deps = {d.name: d for d in (Api, Preprocessor, Encoder, Generator) + ((Retriever,) if clip else ())}
     deps = place(deps, args, device, cluster_resources())
     info = {"path": str(model), "encoder": meta["model"]["encoder"], "input_shape": meta["input_shape"],
             "llm": meta["model"]["llm"], "lora": meta["lora"]}
@@ -76,7 +79,17 @@ def build_app(args: dict) -> serve.Application:
         if clip else None
     pre = deps["Preprocessor"].bind(meta["input_shape"], data_settings(meta, args.get("config")), max_bytes)
     return deps["Api"].bind(pre, deps["Encoder"].bind(model, device, dtype), deps["Generator"].bind(model, device, dtype),
-                            retriever, deps["VolumeCache"].bind(int(args.get("cache_size", 64))), token, max_bytes, info)
+                            retriever, upload_store(args), token, max_bytes, info)
+
+
+def upload_store(args: dict) -> dict:
+    """Where the ingress replicas keep uploads (`uploads`, else a private folder in the temp dir) and how many."""
+    import tempfile
+
+    from med3dvlm import storage
+
+    root = args.get("uploads") or os.path.join(tempfile.gettempdir(), f"med3dvlm-uploads-{os.getuid()}")
+    return {"root": storage.absolute(root), "max_stored": int(args.get("cache_size", 256))}
 
 
 def cluster_resources() -> dict | None:
@@ -101,11 +114,12 @@ def min_replicas(d) -> int:
 def place(deps: dict, args: dict, device: str, cluster: dict | None) -> dict:
     """Each deployment with its CPUs (`replica_cpus`, else its own, scaled down to fit the cluster when the minimum
     replicas would not), its GPUs (Encoder and Generator on cuda; refused when the cluster has too few) and
-    `replicas=N` (a fixed count for Encoder and Generator)."""
+    `replicas=N` (a fixed count for Encoder and Generator), `ingress_replicas=N` (for Api)."""
     gpus = float(args.get("gpus_per_replica", 1)) if device.startswith("cuda") else 0
     on_gpu, fixed = ("Encoder", "Generator"), args.get("replicas")
-    if fixed:
-        deps.update({k: deps[k].options(num_replicas=int(fixed), autoscaling_config=None) for k in on_gpu})
+    fixed = {**({k: fixed for k in on_gpu} if fixed else {}), **({"Api": args["ingress_replicas"]}
+                                                                  if args.get("ingress_replicas") else {})}
+    deps.update({k: deps[k].options(num_replicas=int(n), autoscaling_config=None) for k, n in fixed.items()})
     delays = {k: float(args[k]) for k in ("upscale_delay_s", "downscale_delay_s") if args.get(k) is not None}
     for k, d in deps.items():
         auto = d._deployment_config.autoscaling_config

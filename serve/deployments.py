@@ -1,10 +1,9 @@
 """The Serve deployments: `Preprocessor` (upload parsing by content + the training preprocessing), `Encoder` (vision
 tower + projector only, `@serve.batch`), `Generator` (the LLM only, batched generation), `Retriever` (stage-1 towers
-+ an index built from shards) and `VolumeCache` (bounded, shared by ingress replicas)."""
++ an index built from shards). Uploads are kept by the ingress replicas themselves (`med3dvlm.io.volume_store`)."""
 
 import os
 import time
-from collections import OrderedDict
 
 import numpy as np
 from ray import serve
@@ -225,25 +224,3 @@ class Retriever:
         top = scores.topk(min(k, len(self.ids)))
         return [{"volume_id": self.ids[i], "report": self.reports[i], "score": round(float(s), 5)}
                 for s, i in zip(top.values.tolist(), top.indices.tolist())]
-
-
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
-class VolumeCache:
-    """Uploaded volumes by id, least recently used evicted beyond `size` (one replica: shared by all ingresses)."""
-
-    def __init__(self, size: int):
-        self.size, self.items = size, OrderedDict()
-
-    def put(self, vid: str, item: dict) -> None:
-        self.items[vid] = item
-        self.items.move_to_end(vid)
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
-
-    def get(self, vid: str) -> dict | None:
-        if vid in self.items:
-            self.items.move_to_end(vid)
-        return self.items.get(vid)
-
-    def count(self) -> int:
-        return len(self.items)

@@ -57,11 +57,14 @@ let vid = null, shape = null;
 const $ = id => document.getElementById(id);
 const OUT = ["report_out", "answer_out", "retrieve_out"];
 function headers(){ const t = $("token").value.trim(); return t ? {"Authorization": "Bearer " + t} : {}; }
+async function refused(r){
+  const j = await r.json().catch(() => ({detail: r.statusText}));
+  return new Error(r.status + ": " + (typeof j.detail === "string" ? j.detail : JSON.stringify(j.detail)));
+}
 async function call(path, form){
   const r = await fetch(path, {method: "POST", headers: headers(), body: form});
-  const j = await r.json().catch(() => ({detail: r.statusText}));
-  if (!r.ok) throw new Error(r.status + ": " + (typeof j.detail === "string" ? j.detail : JSON.stringify(j.detail)));
-  return j;
+  if (!r.ok) throw await refused(r);
+  return r.json();
 }
 function clearVolume(){
   vid = null; shape = null; $("views").hidden = true;
@@ -102,16 +105,36 @@ async function run(out, path, fd, render){
   try { const j = await call(path, fd); if (id === vid) $(out).textContent = render(j); }
   catch (e) { if (id === vid) $(out).textContent = e.message; }
 }
+// Server-Sent Events: each `data: {"text"}` piece is shown as it comes, `event: done` replaces it with the whole answer
+async function stream(out, path, fd, render){
+  const id = vid; $(out).textContent = "working..."; fd.append("stream", "true");
+  try {
+    const r = await fetch(path, {method: "POST", headers: headers(), body: fd});
+    if (!r.ok) throw await refused(r);
+    const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = "", text = "", done = false;
+    while (!done) {
+      const chunk = await reader.read(); done = chunk.done; buf += chunk.value || "";
+      for (let k; (k = buf.indexOf("\\n\\n")) >= 0; buf = buf.slice(k + 2)) {
+        const ev = buf.slice(0, k), data = ev.split("\\n").filter(l => l.startsWith("data: ")).map(l => l.slice(6)).join("");
+        if (id !== vid) { reader.cancel(); return; }  // another volume since: stop this generation
+        if (ev.startsWith("event: done")) { $(out).textContent = render(JSON.parse(data)); return; }
+        text += JSON.parse(data).text; $(out).textContent = text;
+      }
+    }
+    if (id === vid) $(out).textContent = text + "\\n\\n(the answer stopped early)";
+  } catch (e) { if (id === vid) $(out).textContent = e.message; }
+}
 $("report").onclick = () => {
   const fd = new FormData(); fd.append("volume_id", vid); fd.append("max_new_tokens", $("max_tokens").value);
-  run("report_out", "v1/report", fd, j => (j.report || "(empty report)") + `\\n\\n[${j.timings.total_s} s]`);
+  stream("report_out", "v1/report", fd, j => (j.report || "(empty report)") + `\\n\\n[${j.timings.total_s} s]`);
 };
 $("ask").onclick = () => {
   const fd = new FormData(); fd.append("volume_id", vid); fd.append("question", $("question").value);
   fd.append("max_new_tokens", $("max_tokens").value);
   for (const [k, id] of [["choice_a","ca"],["choice_b","cb"],["choice_c","cc"],["choice_d","cd"]])
     if ($(id).value.trim()) fd.append(k, $(id).value);
-  run("answer_out", "v1/vqa", fd, j => j.answer + (j.choice ? `  [choice ${j.choice}: ${j.choice_text}]` : ""));
+  stream("answer_out", "v1/vqa", fd, j => j.answer + (j.choice ? `  [choice ${j.choice}: ${j.choice_text}]` : ""));
 };
 const hits = j => j.results.map(h => `${h.score.toFixed(3)}  ${h.volume_id}: ${h.report}`).join("\\n") || "(none)";
 $("similar").onclick = () => { const fd = new FormData(); fd.append("volume_id", vid); run("retrieve_out", "v1/retrieve", fd, hits); };

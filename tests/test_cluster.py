@@ -60,9 +60,9 @@ def test_rayjobs_name_real_entry_points_and_fit_the_raycluster():
 def _check_serve_app(app: dict, gpus: float) -> None:
     mod, fn = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(mod), fn))
-    from serve.app import Api, Encoder, Generator, Preprocessor, Retriever, VolumeCache
+    from serve.app import Api, Encoder, Generator, Preprocessor, Retriever
 
-    names = {d.name for d in (Api, Encoder, Generator, Preprocessor, Retriever, VolumeCache)}
+    names = {d.name for d in (Api, Encoder, Generator, Preprocessor, Retriever)}
     need = 0.0
     for d in app["deployments"]:
         assert d["name"] in names, d["name"]

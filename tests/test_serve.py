@@ -31,8 +31,10 @@ def served(chain, shards, s3_server):
     for src, dst in ((chain[3]["export"], "stage3"), (chain[1]["export"], "stage1"), (str(shards[0]), "shards")):
         storage.copy_dir(src, f"{b}/{dst}")
     serve.run(build_app({**common, "model": f"{b}/stage3", "clip": f"{b}/stage1", "index": f"{b}/shards",
-                         "token": TOKEN}), name="med", route_prefix="/")
-    serve.run(build_app({**common, "model": chain[3]["export"]}), name="open", route_prefix="/open")
+                         "uploads": f"{b}/uploads", "token": TOKEN}), name="med", route_prefix="/")
+    # /open: no token, uploads in the default folder, two ingress replicas
+    serve.run(build_app({**common, "model": chain[3]["export"], "ingress_replicas": 2}), name="open",
+              route_prefix="/open")
     base = f"http://127.0.0.1:{port}"
     yield base
     serve.shutdown()
@@ -235,6 +237,58 @@ def test_streamed_report_and_answer_equal_the_whole_greedy_ones(served):
         assert 0 < t.get("first_token_s", t["total_s"]) <= t["total_s"]
         if path == "/v1/vqa":
             assert ev[-1][1]["choice"] == whole["choice"]
+
+
+def test_a_client_that_disconnects_stops_its_generation(served):
+    """An HTTP client that closes a streamed report after its first piece: the Generator's stream is closed and its
+    generation stops before its tokens run out (the replica counts it), and nothing stays open."""
+    from ray import serve
+
+    h = serve.get_deployment_handle("Generator", app_name="open")
+
+    def stats() -> dict:  # every replica's counters (a call lands on one replica)
+        seen = {}
+        for _ in range(12):
+            st = h.stream_stats.remote().result()
+            seen[st["replica"]] = st
+        return {k: sum(st[k] for st in seen.values()) for k in ("active", "stopped_early")}
+
+    base = served + "/open"
+    vid = post(base, "/v1/upload", files={"file": ("s.npy", npy_bytes(volume(seed=7)))}, headers={}).json()["volume_id"]
+    before = stats()["stopped_early"]
+    # sampled at a high temperature, so the tiny model does not end early at an EOS
+    with requests.post(base + "/v1/report", data={"volume_id": vid, "max_new_tokens": 300, "temperature": 2.0,
+                                                  "stream": "true"}, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        assert next(line for line in r.iter_lines() if line).startswith(b"data: ")
+    t0 = time.time()
+    while (now := stats())["stopped_early"] == before and time.time() - t0 < 60:
+        time.sleep(0.5)
+    assert now["stopped_early"] == before + 1 and now["active"] == 0, now
+
+
+def test_an_upload_id_resolves_on_every_ingress_replica(served):
+    """No single cache on the request path: a volume uploaded through either of /open's two ingress replicas is
+    served by both (the X-Med3dvlm-Replica header says which answered)."""
+    base, first = served + "/open", {}
+    for i in range(40):  # upload until each replica has taken one
+        r = post(base, "/v1/upload", files={"file": ("s.npy", npy_bytes(volume(seed=100 + i)))}, headers={})
+        assert r.status_code == 200, r.text
+        first.setdefault(r.headers["X-Med3dvlm-Replica"], r.json()["volume_id"])
+        if len(first) == 2:
+            break
+    assert len(first) == 2, "every upload went to one ingress replica"
+    for vid in first.values():
+        answered = set()
+        for _ in range(40):
+            r = requests.get(f"{base}/v1/volumes/{vid}/slice/0/3", timeout=30)
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+            answered.add(r.headers["X-Med3dvlm-Replica"])
+            if len(answered) == 2:
+                break
+        assert len(answered) == 2, f"{vid}: only replica {answered} answered"
+    r = requests.get(f"{base}/v1/volumes/{'0' * 16}/slice/0/3", timeout=30)
+    assert r.status_code == 404 and "upload the file again" in r.json()["detail"]
 
 
 def test_batched_encoder_equals_unbatched(served):

@@ -196,3 +196,28 @@ def test_preprocess_reads_raw_data_from_a_bucket(shards, synthetic_m3d, bucket, 
     assert (volumes_from_table(ours) == volumes_from_table(theirs)).all()
     assert all(s.startswith(bucket + "/M3D/") for s in ours.column("source").to_pylist())
 
+
+
+def test_uploads_resolve_through_any_store_on_the_root_and_expire_oldest_first(root):
+    """Two ingress replicas = two VolumeStores on one root: an id put through either is read through the other, with
+    its volume and metadata intact (no pickle); beyond `max_stored` the oldest upload expires; a malformed id never
+    reaches a path."""
+    import numpy as np
+
+    from med3dvlm.io.volume_store import VolumeStore
+
+    a, b = VolumeStore(root, max_stored=2, memory=1), VolumeStore(root, max_stored=2, memory=1)
+    vols = [np.random.default_rng(i).integers(0, 255, (4, 6, 5), dtype=np.uint8) for i in range(3)]
+    ids = []
+    for i, (store, v) in enumerate(zip((a, b, a), vols)):
+        ids.append(store.put({"volume": v, "info": {"format": "npy", "i": i}, "name": f"scan {i}.npy"}))
+        time.sleep(0.01 if storage.is_local(root) else 1.05)  # distinct modification times (S3's are in seconds)
+    assert len(set(ids)) == 3
+    got = b.get(ids[2])
+    assert np.array_equal(got["volume"], vols[2]) and got["volume"].dtype == np.uint8
+    assert got["info"] == {"format": "npy", "i": 2} and got["name"] == "scan 2.npy"
+    assert a.get(ids[1])["name"] == "scan 1.npy"
+    assert VolumeStore(root).get(ids[0]) is None  # expired: the store keeps the newest two
+    for bad in ("../../etc/passwd", "0" * 15, "0" * 16 + "/x", "", "ABCDEF0123456789"):
+        assert a.get(bad) is None
+    assert b.put({"volume": vols[2].copy(), "info": {}, "name": "again"}) == ids[2]  # the same volume, the same id
