@@ -10,6 +10,8 @@ import sys
 COMMANDS = {"make-synthetic": "pipelines.make_synthetic", "preprocess": "pipelines.preprocess",
             "train": "pipelines.train", "evaluate": "pipelines.evaluate", "demo": "pipelines.demo",
             "sweep": "tuning.siglip_sweep", "import-released": "pipelines.import_released"}
+# in a checkout these are top-level (`python -m pipelines.train`); the wheel installs them inside med3dvlm
+ROOT = __package__.rpartition(".")[0] if __package__ else ""
 
 
 def main(argv=None):
@@ -25,9 +27,9 @@ def main(argv=None):
     if not argv or argv[0] not in COMMANDS:
         print(__doc__.strip() + "\n\ncommands: " + ", ".join(COMMANDS), file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    from pipelines.common import run_main
+    from .common import run_main
 
-    mod = importlib.import_module(COMMANDS[argv[0]])
+    mod = importlib.import_module(".".join(x for x in (ROOT, COMMANDS[argv[0]]) if x))
     sys.argv = [f"med3dvlm {argv[0]}", *argv[1:]]
     return run_main(lambda: mod.main(argv[1:]))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.common import config_from_args, parser, run_main
+from .common import config_from_args, parser, run_main
 
 
 def main(argv=None):

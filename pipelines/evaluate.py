@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.common import run_main
+from .common import run_main
 
 
 def arg_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.common import config_from_args, parser, run_main
+from .common import config_from_args, parser, run_main
 
 
 def arg_parser():

@@ -24,21 +24,25 @@ def sources() -> dict[str, Path]:
     return {module_name(f): f for f in files}
 
 
-def imports(path: Path) -> set[str]:
-    """Every module a file imports, at any depth (function-level imports included), as absolute names."""
+def imports(path: Path, name: str = "") -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included), as absolute names (relative
+    imports resolved against the module's own `name`)."""
     out = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module)
-            out |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]) if node.level else ""
+            module = ".".join(x for x in (base, node.module) if x)
+            out.add(module)
+            out |= {f"{module}.{a.name}" for a in node.names}
     return out
 
 
 def graph() -> dict[str, set[str]]:
     mods = sources()
-    return {m: {i for i in imports(p) if i in mods and i != m} for m, p in mods.items()}
+    return {m: {i for i in imports(p, m) if i in mods and i != m} for m, p in mods.items()}
 
 
 def under(name: str, *prefixes: str) -> bool:

@@ -18,14 +18,26 @@ def run(cmd, **kw):
 def test_wheel_installs_into_a_fresh_venv_and_its_console_script_runs(tmp_path):
     import sysconfig
 
+    import shutil
+
+    src = tmp_path / "src"  # the checkout's tracked files only: a stale build/ folder would leak into the wheel
+    for f in run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT).stdout.splitlines():
+        if (ROOT / f).is_file():
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, src / f)
     r = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-             str(ROOT)])
+             str(src)])
     assert r.returncode == 0, r.stderr[-2000:]
     wheel = next(tmp_path.glob("med3dvlm-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    assert "serve/config.yaml" in names  # package data travels with the wheel
+    assert "med3dvlm/serve/config.yaml" in names  # package data travels with the wheel
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"med3dvlm"}  # one top-level import package
+    for top, inside in (("platform/med3dvlm", "med3dvlm"), ("pipelines", "med3dvlm/pipelines"),
+                        ("serve", "med3dvlm/serve"), ("tuning", "med3dvlm/tuning")):
+        missing = [str(f) for f in (ROOT / top).rglob("*.py") if f"{inside}/{f.relative_to(ROOT / top)}" not in names]
+        assert not missing, missing  # every module of the checkout is in the wheel
     requires = dict(re.findall(r"^Requires-Dist: ([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^\s;]+)\s*$", meta, re.M))
     assert {"torch", "ray", "transformers", "deepspeed", "fastapi"} <= set(requires), meta[:2000]
 
@@ -52,7 +64,9 @@ def test_wheel_installs_into_a_fresh_venv_and_its_console_script_runs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NLTK_DATA")}
     where = run([str(py), "-c", "import med3dvlm; print(med3dvlm.__file__)"], cwd=tmp_path, env=env).stdout
     assert where.startswith(str(venv)), where  # the wheel's copy, not this checkout
-    for args in (["--help"], ["--version"], ["train", "--help"]):
+    r = run([str(py), "-c", "import med3dvlm.serve.app, med3dvlm.tuning.siglip_sweep"], cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]  # the Serve app's import path in the wheel: med3dvlm.serve.app
+    for args in (["--help"], ["--version"], ["train", "--help"], ["sweep", "--help"]):
         r = run([str(venv / "bin" / "med3dvlm"), *args], cwd=tmp_path, env=env)
         assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
     out = run([str(venv / "bin" / "med3dvlm"), "train", "--help"], cwd=tmp_path, env=env).stdout
