@@ -49,6 +49,7 @@ class Embedder:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.model = CLIPModel.from_pretrained(model_dir).to(self.device).eval()
+        self.model.vision.fold_batchnorm()  # as the Serve Encoder: BatchNorm folded into the convolutions
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
@@ -74,6 +75,7 @@ class Generator:
         torch.manual_seed(seed)
         self.device = torch.device(device)
         self.model = VLM.from_pretrained(model_dir, dtype=getattr(torch, dtype) if dtype else None).to(self.device).eval()
+        self.model.vision.fold_batchnorm()
         self.task, self.seed, self.done, self.gen_batch = task, seed, done, gen_batch
         self.gen_kw = {"max_new_tokens": max_new_tokens, "do_sample": sample}
         if repetition_penalty != 1.0:
