@@ -1,6 +1,6 @@
 """Ray Serve application: report generation, VQA and retrieval over HTTP, with autoscaling and a web viewer.
 
-    serve run serve.app:build_app model=out/demo/ckpt/stage3 clip=out/demo/ckpt/stage1 index=out/demo/shards
+    serve run med3dvlm.serve.app:build_app model=out/demo/ckpt/stage3 clip=out/demo/ckpt/stage1 index=out/demo/shards
     serve deploy serve/config.yaml                       # a cluster: deployments' replicas/autoscaling from the file
 
 This module is the builder; the deployments are in `serve.deployments`, the HTTP API in `serve.api`, composed with
@@ -47,7 +47,7 @@ def data_settings(meta: dict, config: str | None) -> dict:
 
 
 def build_app(args: dict) -> serve.Application:
-    """`serve run serve.app:build_app model=DIR [clip=DIR index=SHARDS] [token=...] ...`"""
+    """`serve run med3dvlm.serve.app:build_app model=DIR [clip=DIR index=SHARDS] [token=...] ...`"""
     from med3dvlm import storage
     from med3dvlm.models.export import CLIP, VLM, read_meta
     from med3dvlm.runtime import apply_env_defaults

@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_serve_command() -> list[str]:
-    """The first `serve run serve.app:build_app ...` line of the README's Serving section."""
+    """The first `serve run med3dvlm.serve.app:build_app ...` line of the README's Serving section."""
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Serving"):]
-    line = re.search(r"^serve run serve\.app:build_app .*$", section, re.M).group(0)
+    line = re.search(r"^serve run med3dvlm\.serve\.app:build_app .*$", section, re.M).group(0)
     return shlex.split(line.split("#")[0])
 
 
@@ -50,13 +50,15 @@ def test_readme_serving_command_comes_up(chain, shards, tmp_path):
             except requests.RequestException:
                 pass
             time.sleep(2)
-        assert up is not None, f"not up after {time.monotonic() - started:.0f} s; exit {proc.poll()}"
+        assert up is not None, f"not up after {time.monotonic() - started:.0f} s; exit {proc.poll()}" + (
+            "" if proc.poll() is None else ": " + proc.stdout.read()[-3000:])
         assert h.json()["retrieval"] is True
         r = requests.post("http://127.0.0.1:8000/v1/retrieve", data={"text": "liver lesion", "k": "2"}, timeout=60)
         assert r.status_code == 200 and len(r.json()["results"]) == 2, r.text
         print(f"README serving command up in {up:.0f} s")
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
         try:
             out = proc.communicate(timeout=60)[0]
         except subprocess.TimeoutExpired:
