@@ -6,7 +6,7 @@ forward time (in-process, batch 1).
 Uses the demo's models (run `make demo` first) or --model/--clip/--index. Load: --clients threads, --requests each;
 the stepped load holds each of --steps client counts for --step-s seconds.
 
-    .venv/bin/python bench/serve.py [--clients 8] [--requests 48] [--new-tokens 32] [--steps 1,4,16] [--step-s 30]
+    .venv/bin/python bench/serve.py [--clients 8] [--requests 48] [--new-tokens 32] [--steps 1,4,8] [--step-s 30]
 """
 
 import argparse
@@ -118,16 +118,22 @@ def bare_encoder(model: str, reps: int = 10) -> float:
     return 1000 * (time.perf_counter() - t) / reps
 
 
+def upload(base: str) -> str:
+    """The benchmark's volume, uploaded once: its id."""
+    from uploads import nifti_bytes, volume
+
+    return requests.post(base + "/v1/upload", files={"file": ("s.nii.gz", nifti_bytes(volume((40, 96, 96))))},
+                         timeout=120).json()["volume_id"]
+
+
 def fixed(base: str, a, replicas: int, app_args: dict) -> list[dict]:
     """Rows for /v1/retrieve, /v1/report and the streamed report at a fixed number of Encoder+Generator replicas."""
     from ray import serve
 
     from serve.app import build_app
-    from uploads import nifti_bytes, volume
 
     serve.run(build_app({**app_args, "replicas": replicas}), name="bench", route_prefix="/")
-    vid = requests.post(base + "/v1/upload", files={"file": ("s.nii.gz", nifti_bytes(volume((40, 96, 96))))},
-                        timeout=120).json()["volume_id"]
+    vid = upload(base)
     retrieve = load(lambda i: requests.post(base + "/v1/retrieve", data={"text": f"lesion in the liver {i}", "k": 5},
                                             timeout=300), a.requests, a.clients)
     report = load(lambda i: requests.post(base + "/v1/report", data={"volume_id": vid, "max_new_tokens": a.new_tokens},
@@ -144,13 +150,10 @@ def autoscaled(base: str, a, app_args: dict) -> dict:
     from ray import serve
 
     from serve.app import build_app
-    from uploads import nifti_bytes, volume
 
     serve.run(build_app({**app_args, "upscale_delay_s": 2, "downscale_delay_s": 10}), name="auto", route_prefix="/")
-    vid = requests.post(base + "/v1/upload", files={"file": ("s.nii.gz", nifti_bytes(volume((40, 96, 96))))},
-                        timeout=120).json()["volume_id"]
-    res = stepped(base, vid, a.new_tokens, [int(x) for x in a.steps.split(",")], a.step_s, "auto")
-    t0, t_end = time.perf_counter(), res["timeline"][-1]["t_s"]
+    res = stepped(base, upload(base), a.new_tokens, [int(x) for x in a.steps.split(",")], a.step_s, "auto")
+    t0 = time.perf_counter()
     while running("auto") > 1 and time.perf_counter() - t0 < 120:
         time.sleep(1)
     res["back_to_1_after_s"] = round(time.perf_counter() - t0, 1) if running("auto") == 1 else None
@@ -159,7 +162,7 @@ def autoscaled(base: str, a, app_args: dict) -> dict:
         pts = [r for r in res["timeline"] if r["clients"] == n]
         per_step[n] = {"req_per_s": (pts[-1]["completed"] - pts[0]["completed"]) / max(pts[-1]["t_s"] - pts[0]["t_s"], 1e-9),
                        "max_generator_replicas": max(r["generator_replicas"] for r in pts)}
-    res["per_step"], res["load_s"] = per_step, t_end
+    res["per_step"] = per_step
     serve.delete("auto")
     return res
 
