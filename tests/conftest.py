@@ -90,7 +90,8 @@ def shards(ray_session, synthetic_m3d, tmp_path_factory):
 
 FAST = ["train.stage1.batch_size=4", "train.stage2.batch_size=4", "train.stage3.batch_size=4",
         "train.stage1.epochs=3", "train.stage2.max_steps=6", "train.stage3.max_steps=6", "train.max_failures=0",
-        "train.eval_every=0"]  # validation (on by default) has its own tests
+        "train.eval_every=0",  # validation (on by default) has its own tests
+        "model.trainable=released_code"]  # the chain covers LoRA (the paper's stage 3) and a trained vision tower
 
 
 def cfg_for(*extra):

@@ -223,7 +223,7 @@ def _lora_params(llm, r):
                ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 
 
-@pytest.mark.parametrize("preset", ["paper", "released_code"])
+@pytest.mark.parametrize("preset", ["paper", "released_code", "full"])
 def test_trainable_parameters_per_stage_and_preset(tiny, preset):
     from dataclasses import replace
 
@@ -231,10 +231,12 @@ def test_trainable_parameters_per_stage_and_preset(tiny, preset):
     proj = m.projector.num_params()
     emb = m.llm.get_input_embeddings().weight.numel()
     lora = _lora_params(m.llm, tiny.model.lora_r)
+    llm = m.llm.num_parameters()
     m.set_stage(2)
-    assert m.num_params(trainable=True) == proj + (emb if preset == "released_code" else 0)
+    assert m.num_params(trainable=True) == proj + {"paper": 0, "released_code": emb, "full": llm}[preset]
     m.set_stage(3)
-    expected = lora + proj
+    assert m.lora == (preset != "full")
+    expected = (llm if preset == "full" else lora) + proj
     if preset == "released_code":
         expected += emb + m.llm.get_output_embeddings().weight.numel() + m.vision.num_params()
     assert m.num_params(trainable=True) == expected
@@ -242,7 +244,10 @@ def test_trainable_parameters_per_stage_and_preset(tiny, preset):
     assert m.vision.training == (preset == "released_code")
 
 
-def test_vlm_save_load_round_trip(vlm, tiny, tmp_path):
+def test_vlm_save_load_round_trip(tiny, tmp_path):
+    from dataclasses import replace
+
+    vlm = VLM.from_config(replace(tiny.model, trainable="paper"), tiny.data.shape).eval()
     vlm.set_stage(3)
     with torch.no_grad():
         for n, p in vlm.llm.named_parameters():

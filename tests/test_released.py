@@ -173,7 +173,7 @@ def test_exported_lora_model_is_merged_into_the_released_layout(released, tmp_pa
     from med3dvlm.models.vlm import VLM
 
     tiny = load_config("tiny")
-    vlm = VLM.from_config(replace(tiny.model, splice="m3d_legacy"), tiny.data.shape)
+    vlm = VLM.from_config(replace(tiny.model, splice="m3d_legacy", trainable="paper"), tiny.data.shape)
     vlm.set_stage(3)
     for n, p in vlm.llm.named_parameters():
         if "lora_B" in n:

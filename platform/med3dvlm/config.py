@@ -66,7 +66,7 @@ class ModelConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    trainable: str = "paper"  # "paper" or "released_code"
+    trainable: str = "paper"  # "paper", "released_code" or "full" (models.vlm.VLM.set_stage)
 
 
 @dataclass
@@ -102,6 +102,8 @@ class TrainConfig:
     eval_every: int = -1  # stage 1: validation loss and R@1 every N steps (-1: every epoch if the split has rows; 0: off)
     validation_split: str = "validation"  # split (in `split_field`) used for that
     max_train_volumes: int = 0  # train on the first N training volumes only (0: all); sweeps use a subset
+    precise_bn_batches: int = 0  # re-estimate a trained vision tower's BatchNorm statistics from the last N batches
+    # before each validation and the export (train.precise_bn); 0: off, the reference's behaviour
     stage1: StageConfig = field(default_factory=lambda: StageConfig(batch_size=64, lr=1e-4, weight_decay=0.1, epochs=100))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(batch_size=16, lr=1e-4, epochs=3))
     stage3: StageConfig = field(default_factory=lambda: StageConfig(batch_size=8, lr=5e-5, epochs=5))
@@ -157,13 +159,14 @@ def tiny() -> Config:
     cfg.model.max_len = 96
     cfg.model.lora_r = 8
     cfg.model.lora_alpha = 16
-    cfg.model.trainable = "released_code"  # a random tiny LLM has nothing to preserve: train embeddings and head too
     cfg.train.num_workers = 2
     cfg.train.use_gpu = False
     cfg.train.cpus_per_worker = 0.5
     cfg.train.keep_checkpoints = 1  # the demo's disk: the exports are what a user needs
     cfg.train.split_field = "case_split"
     cfg.train.augment = False  # flips and rotations scramble the synthetic laterality labels a few epochs cannot untangle
+    cfg.train.precise_bn_batches = 16  # minutes of training at lr 1e-3 leave BatchNorm's running statistics stale
+    cfg.model.trainable = "full"  # a random tiny LLM has nothing to preserve: it trains whole, without LoRA
     cfg.model.loss.t_init, cfg.model.loss.b_init = math.log(10), -10.0  # SigLIP's init: stable with batches of 8
     cfg.model.layer_scale_init = 0.1
     cfg.train.stage1 = StageConfig(batch_size=8, lr=1e-3, weight_decay=0.1, epochs=12, text_lr_scale=0.1)

@@ -96,15 +96,19 @@ class VLM(nn.Module):
         self.lora = True
 
     def set_stage(self, stage: int) -> None:
-        """Which parameters train: `paper` (2: projector; 3: LoRA + projector, vision frozen in eval mode) or
-        `released_code` (2: projector + input embeddings; 3: LoRA + vision + projector + embeddings + lm_head)."""
+        """Which parameters train: `paper` (2: projector; 3: LoRA + projector, vision frozen in eval mode),
+        `released_code` (2: projector + input embeddings; 3: LoRA + vision + projector + embeddings + lm_head) or
+        `full` (2 and 3: projector + the whole LLM, no LoRA, vision frozen in eval mode: for an LLM trained from
+        scratch, which has nothing for LoRA to preserve)."""
         preset = self.cfg.trainable
-        if preset not in ("paper", "released_code") or stage not in (2, 3):
+        if preset not in ("paper", "released_code", "full") or stage not in (2, 3):
             raise ValueError(f"no trainable preset {preset!r} for stage {stage}")
-        if stage == 3:
+        if stage == 3 and preset != "full":
             self.add_lora()
         self.requires_grad_(False)
         self.projector.requires_grad_(True)
+        if preset == "full":
+            self.llm.requires_grad_(True)
         if stage == 3:
             for n, p in self.llm.named_parameters():
                 if "lora_" in n:
@@ -119,7 +123,7 @@ class VLM(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.freeze_vision and self.cfg.trainable == "paper":
+        if self.freeze_vision and self.cfg.trainable != "released_code":
             self.vision.eval()  # BatchNorm statistics stay as stage 1 left them
         return self
 

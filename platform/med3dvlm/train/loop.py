@@ -19,6 +19,7 @@ import torch
 
 from med3dvlm import storage
 from med3dvlm.config import Config, config_from_dict
+from med3dvlm.train.precise_bn import RecentVolumes
 
 
 def deepspeed_config(cfg: Config, stage: int, use_gpu: bool) -> dict:
@@ -247,8 +248,10 @@ def train_loop_per_worker(config: dict) -> None:
     log = StepLog(stage, cfg.stage(stage).batch_size, config.get("tensorboard") if rank == 0 else None,
                   Progress(stage, start, config["total_steps"], config["steps_per_epoch"],
                            cfg.train.log_every if rank == 0 else 0))
-    run_epochs(cfg, config, engine, scheduler, log, start, device, rank)
+    recent = RecentVolumes(cfg.train.precise_bn_batches)
+    run_epochs(cfg, config, engine, scheduler, log, start, device, rank, recent)
     log.close()
+    recent.recalibrate(engine.module.vision, device)
     if config.get("export"):
         export_model(engine, engine.module, config["export"], cfg.train.zero_stage)
         if rank == 0:
@@ -281,9 +284,11 @@ def train_step(engine, cfg: Config, batch: dict, keys: list[str], device) -> tor
     return loss
 
 
-def run_epochs(cfg: Config, config: dict, engine, scheduler, log: StepLog, start: int, device, rank: int) -> None:
-    """Steps `start` .. total: train, log, validate every `eval_every` (stage 1), checkpoint every `checkpoint_every`
-    (or per epoch) and at the end; a resumed run skips the batches its epoch consumed before the failure."""
+def run_epochs(cfg: Config, config: dict, engine, scheduler, log: StepLog, start: int, device, rank: int,
+               recent: RecentVolumes) -> None:
+    """Steps `start` .. total: train, log, validate every `eval_every` (stage 1, with precise BatchNorm statistics
+    from `recent`), checkpoint every `checkpoint_every` (or per epoch) and at the end; a resumed run skips the
+    batches its epoch consumed before the failure."""
     import ray.train
 
     stage, steps_per_epoch, total = config["stage"], config["steps_per_epoch"], config["total_steps"]
@@ -307,9 +312,11 @@ def run_epochs(cfg: Config, config: dict, engine, scheduler, log: StepLog, start
                 raise RuntimeError(f"fault injection: worker {rank} fails at step {step}")
             t0 = time.perf_counter()
             loss = train_step(engine, cfg, batch, keys, device)
+            recent.add(batch["volume"])
             m = log.step(engine, scheduler, step, epoch, loss, data_s, time.perf_counter() - t0)
             step += 1
             if validate and (step % every == 0 or step == total):
+                recent.recalibrate(engine.module.vision, device)
                 m.update(validate_stage1(engine.module, device))
                 log.scalars(m, step - 1, ("val_loss", "val_R@1"))
                 if log.progress:
