@@ -18,7 +18,7 @@ def heldout(shards: str, stage1: str, stage3: str, out: Path) -> dict:
     common = {"shards": shards, "split": "validation,test", "split_field": "case_split", "bertscore": False}
     runs = {"retrieval": ("retrieval", stage1, {}),
             "vqa-closed": ("vqa-closed", stage3, {"max_new_tokens": 16}),
-            "report": ("report", stage3, {"max_new_tokens": 64, "no_repeat_ngram_size": 3})}
+            "report": ("report", stage3, {"max_new_tokens": 64, "no_repeat_ngram_size": 4})}
     runs.update({f"{k}-shuffled": (t, m, {**x, "shuffle_images": True}) for k, (t, m, x) in list(runs.items())[1:]})
     quiet = lambda *_: None  # noqa: E731
     return {k: evaluate(EvalConfig(task=t, model=m, out=str(out / k), **common, **x), quiet)

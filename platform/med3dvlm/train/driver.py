@@ -74,6 +74,9 @@ def check_inputs(cfg, stage: int, shards: str, init: str | None) -> dict:
     if llm not in BUILTIN_LLM and stage == 2 and not storage.exists(llm):
         raise UserError(f"model.llm {llm}: does not exist (models load from paths or storage URIs, never a hub)")
     check_init(cfg, stage, init)
+    if cfg.train.materialize and cfg.train.augment:
+        raise UserError("train.materialize=true would repeat the first epoch's augmentation draws in every epoch; "
+                        "set train.augment=false with it")
     return manifest
 
 
@@ -135,6 +138,8 @@ def make_trainer(cfg, stage: int, shards: str, out: str, init: str | None, plan:
     datasets = {"train": build_dataset(cfg, stage, shards)}
     if plan.validate:
         datasets["validation"] = build_dataset(cfg, 1, shards, cfg.train.validation_split, training=False)
+    if cfg.train.materialize:  # read, decode and tokenise once, not once per epoch
+        datasets = {k: ds.materialize() for k, ds in datasets.items()}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "init": storage.absolute(init) if init else None,

@@ -74,6 +74,8 @@ def build_model(cfg: Config, stage: int, init: str | None):
 
     if stage == 1:
         model = CLIPModel.from_pretrained(init) if init else CLIPModel.from_config(cfg.model)
+        if cfg.stage(1).text_lr_scale == 0:  # frozen: no gradients, optimizer state or all-reduce for the tower
+            model.text.requires_grad_(False)
     elif stage == 2:
         model = VLM.from_config(cfg.model, cfg.data.shape)
         if init:
