@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -244,6 +245,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = torch.device(f"cuda:{ctx.get_local_rank()}") if use_gpu else torch.device("cpu")
     if not use_gpu:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    # DeepSpeed's ZeRO calls the collective under its deprecated name; the warning is DeepSpeed's to act on
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
     engine, scheduler = setup_engine(cfg, config, device)
     start = resume(engine)
     _record_placement(config.get("export"), start, rank, world)
