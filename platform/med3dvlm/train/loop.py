@@ -256,7 +256,6 @@ def train_loop_per_worker(config: dict) -> None:
     recent = RecentVolumes(cfg.train.precise_bn_batches)
     run_epochs(cfg, config, engine, scheduler, log, start, device, rank, recent)
     log.close()
-    recent.recalibrate(engine.module.vision, device)
     if config.get("export"):
         export_model(engine, engine.module, config["export"], cfg.train.zero_stage)
         if rank == 0:
@@ -291,9 +290,10 @@ def train_step(engine, cfg: Config, batch: dict, keys: list[str], device) -> tor
 
 def run_epochs(cfg: Config, config: dict, engine, scheduler, log: StepLog, start: int, device, rank: int,
                recent: RecentVolumes) -> None:
-    """Steps `start` .. total: train, log, validate every `eval_every` (stage 1, with precise BatchNorm statistics
-    from `recent`), checkpoint every `checkpoint_every` (or per epoch) and at the end; a resumed run skips the
-    batches its epoch consumed before the failure."""
+    """Steps `start` .. total: train, log, validate every `eval_every` (stage 1), checkpoint every `checkpoint_every`
+    (or per epoch) and at the end; a resumed run skips the batches its epoch consumed before the failure. Precise
+    BatchNorm statistics (from `recent`) come before each validation and the last checkpoint, which the export
+    then equals."""
     import ray.train
 
     stage, steps_per_epoch, total = config["stage"], config["steps_per_epoch"], config["total_steps"]
@@ -320,8 +320,9 @@ def run_epochs(cfg: Config, config: dict, engine, scheduler, log: StepLog, start
             recent.add(batch["volume"])
             m = log.step(engine, scheduler, step, epoch, loss, data_s, time.perf_counter() - t0)
             step += 1
-            if validate and (step % every == 0 or step == total):
+            if step == total or (validate and step % every == 0):  # the final checkpoint and export hold them too
                 recent.recalibrate(engine.module.vision, device)
+            if validate and (step % every == 0 or step == total):
                 m.update(validate_stage1(engine.module, device))
                 log.scalars(m, step - 1, ("val_loss", "val_R@1"))
                 if log.progress:
