@@ -13,7 +13,6 @@ import re
 
 import numpy as np
 
-from med3dvlm.models.clip import text_tokenizer
 from med3dvlm.models.prompt import closed_prompt, encode_example, open_prompt, report_prompt, vlm_tokenizer
 
 
@@ -49,6 +48,8 @@ def task_rows(row: dict, stage: int, qa_splits: tuple[str, ...], seed: int = 0) 
 
 def tokenize_reports(batch: dict, text_encoder: str, max_len: int) -> dict:
     """Stage 1: reports -> fixed-length input_ids / attention_mask (whole sentences kept)."""
+    from med3dvlm.models.clip import text_tokenizer  # torch: only where reports are tokenised, not in every task
+
     tok = text_tokenizer(text_encoder)
     n_tokens = lambda t: len(tok(t, add_special_tokens=True)["input_ids"])  # noqa: E731
     texts = [shorten_report(str(r), n_tokens, max_len) for r in batch["report"]]

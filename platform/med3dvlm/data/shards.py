@@ -68,8 +68,12 @@ def decode_volumes(blobs, shapes) -> np.ndarray:
 
 
 def decode_batch(batch: dict) -> dict:
-    """A numpy batch of shard rows with the volume bytes decoded (Ray Data's `map_batches`)."""
-    return {**batch, "volume": decode_volumes(batch["volume"], batch["shape"])}
+    """A numpy batch of shard rows with the volume bytes decoded (Ray Data's `map_batches`). A volume's questions
+    come back as lists (numpy arrays of dicts would not convert back to Arrow and travel pickled)."""
+    out = {**batch, "volume": decode_volumes(batch["volume"], batch["shape"])}
+    if "qa" in batch:
+        out["qa"] = [None if q is None else list(q) for q in batch["qa"]]
+    return out
 
 
 def process_shard(spec: dict) -> dict:
