@@ -22,6 +22,7 @@ DEFAULT_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar, once per worker and stage
     # Ray Data's V2 Parquet reader starts a pool of footer-reading actors for every read (about 12 s on 2 cores,
     # each epoch of a streamed stage; killing them mid-start is Ray's "Failed to kill actor" lines); V1 reads the
     # same rows in well under a second. Set to 1 to get V2 back.
@@ -66,6 +67,7 @@ def init_ray(num_cpus: int | None = None):
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.use_datasource_v2 = os.environ.get("RAY_DATA_USE_DATASOURCE_V2", "0") == "1"  # ray.data read it on import
+    ctx.print_on_execution_start = log_level() in ("DEBUG", "INFO")  # "Starting execution of Dataset ..."
     quiet_ray_libraries()
     return ray
 
@@ -80,12 +82,17 @@ def task_cpus() -> float:
     return max(1.0, ray.cluster_resources().get("CPU", 1.0) / (os.cpu_count() or 1))
 
 
+def log_level() -> str:
+    """The platform's log level for Ray's libraries: `--log-level` (MED3DVLM_LOG_LEVEL), warning by default."""
+    return os.environ.get("MED3DVLM_LOG_LEVEL", "warning").upper()
+
+
 def quiet_ray_libraries() -> None:
     """Ray Data's execution plans and Ray Train's/Tune's per-checkpoint lines stay in Ray's log files (under the
     session's `logs/`), not on the terminal, unless `--log-level info|debug` (or MED3DVLM_LOG_LEVEL) asks for them."""
     import logging
 
-    level = getattr(logging, os.environ.get("MED3DVLM_LOG_LEVEL", "warning").upper(), logging.WARNING)
+    level = getattr(logging, log_level(), logging.WARNING)
     for name in ("ray.data", "ray.train", "ray.tune", "ray.serve"):
         logging.getLogger(name).setLevel(level)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from med3dvlm import storage
 from med3dvlm.models.export import CLIP, VLM, ExportError, read_meta
-from med3dvlm.runtime import UserError, init_ray, sha256_json, write_run_json
+from med3dvlm.runtime import UserError, init_ray, log_level, sha256_json, write_run_json
 from med3dvlm.train.datasets import build_dataset, count_samples, count_validation
 
 BUILTIN_TEXT = ("minilm", "tiny-bert")
@@ -129,7 +129,7 @@ def warn_if_unshared(out: str, log) -> None:
 
 
 def make_trainer(cfg, stage: int, shards: str, out: str, init: str | None, plan: Plan, callbacks, name: str | None):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from med3dvlm.train.loop import train_loop_per_worker
@@ -144,7 +144,7 @@ def make_trainer(cfg, stage: int, shards: str, out: str, init: str | None, plan:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "init": storage.absolute(init) if init else None,
                            "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
-                           "eval_every": plan.eval_every,
+                           "eval_every": plan.eval_every, "log_level": log_level(),
                            "export": export, "tensorboard": storage.join(export, "tensorboard")},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker},
@@ -152,7 +152,8 @@ def make_trainer(cfg, stage: int, shards: str, out: str, init: str | None, plan:
         run_config=RunConfig(name=name or f"stage{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
                              storage_path=storage.join(out, "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures), callbacks=callbacks),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures), callbacks=callbacks,
+                             logging_config=LoggingConfig(log_level=log_level())),  # per-checkpoint lines: log files
         datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
     )
 

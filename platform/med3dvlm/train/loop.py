@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -247,6 +248,9 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     # DeepSpeed's ZeRO calls the collective under its deprecated name; the warning is DeepSpeed's to act on
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
+    # Ray Train's "Reporting training result" line (one per checkpoint and worker) goes to a logger named by its
+    # file, outside "ray.train": the worker's root level keeps it in the log files unless --log-level info asks
+    logging.getLogger().setLevel(config.get("log_level", "WARNING"))
     engine, scheduler = setup_engine(cfg, config, device)
     start = resume(engine)
     _record_placement(config.get("export"), start, rank, world)
