@@ -154,8 +154,18 @@ def make_trainer(cfg, stage: int, shards: str, out: str, init: str | None, plan:
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures), callbacks=callbacks,
                              logging_config=LoggingConfig(log_level=log_level())),  # per-checkpoint lines: log files
-        datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )
+
+
+def ingest_options():
+    """Ray Train's default ingest options (the driver's Ray Data settings) less `exclude_resources`, which Ray Train
+    2.60's own default passes and Ray Data then reports as deprecated once per run."""
+    from ray.data import DataContext, ExecutionOptions
+
+    opts = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=opts.resource_limits, preserve_order=opts.preserve_order,
+                            verbose_progress=opts.verbose_progress)
 
 
 def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=print, callbacks=None,
