@@ -77,19 +77,27 @@ def build_app(args: dict) -> serve.Application:
             "llm": meta["model"]["llm"], "lora": meta["lora"]}
     retriever = deps["Retriever"].bind(clip, index, args.get("index_split"), args.get("index_split_field", "split")) \
         if clip else None
-    pre = deps["Preprocessor"].bind(meta["input_shape"], data_settings(meta, args.get("config")), max_bytes)
+    settings = data_settings(meta, args.get("config"))
+    pre = deps["Preprocessor"].bind(meta["input_shape"], settings, max_bytes)
     return deps["Api"].bind(pre, deps["Encoder"].bind(model, device, dtype), deps["Generator"].bind(model, device, dtype),
-                            retriever, upload_store(args), token, max_bytes, info)
+                            retriever, upload_store(args, {"input_shape": list(meta["input_shape"]), **settings}),
+                            token, max_bytes, info)
 
 
-def upload_store(args: dict) -> dict:
-    """Where the ingress replicas keep uploads (`uploads`, else a private folder in the temp dir) and how many."""
+def upload_store(args: dict, preprocessing: dict) -> dict:
+    """Where the ingress replicas keep uploads (`uploads`, else a private folder in the temp dir) and how many.
+    Uploads go to a subfolder named by the preprocessing (input shape, HU window): apps that share a root (two apps
+    on one machine, by default) neither resolve each other's ids to a volume their model was not given nor prune
+    each other's uploads, unless they preprocess alike."""
+    import hashlib
+    import json
     import tempfile
 
     from med3dvlm import storage
 
-    root = args.get("uploads") or os.path.join(tempfile.gettempdir(), f"med3dvlm-uploads-{os.getuid()}")
-    return {"root": storage.absolute(root), "max_stored": int(args.get("cache_size", 256))}
+    base = args.get("uploads") or os.path.join(tempfile.gettempdir(), f"med3dvlm-uploads-{os.getuid()}")
+    key = hashlib.sha256(json.dumps(preprocessing, sort_keys=True).encode()).hexdigest()[:12]
+    return {"root": storage.join(storage.absolute(base), f"prep-{key}"), "max_stored": int(args.get("cache_size", 256))}
 
 
 def cluster_resources() -> dict | None:

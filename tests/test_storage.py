@@ -221,3 +221,23 @@ def test_uploads_resolve_through_any_store_on_the_root_and_expire_oldest_first(r
     for bad in ("../../etc/passwd", "0" * 15, "0" * 16 + "/x", "", "ABCDEF0123456789"):
         assert a.get(bad) is None
     assert b.put({"volume": vols[2].copy(), "info": {}, "name": "again"}) == ids[2]  # the same volume, the same id
+
+
+def test_apps_that_preprocess_differently_keep_uploads_apart(tmp_path):
+    """Two Serve apps on one upload root (the default folder on one machine): an app resolves and prunes only the
+    uploads preprocessed its way, so an id from an app with another input shape is unknown to it."""
+    import numpy as np
+
+    from med3dvlm.io.volume_store import VolumeStore
+    from serve.app import upload_store
+
+    prep = {"input_shape": [32, 64, 64], "window": [-1000, 1000], "window_mode": "minmax"}
+    small = upload_store({"uploads": str(tmp_path)}, prep)
+    large = upload_store({"uploads": str(tmp_path)}, {**prep, "input_shape": [128, 256, 256]})
+    assert small["root"] != large["root"] and small == upload_store({"uploads": str(tmp_path)}, dict(prep))
+    assert all(s["root"].startswith(str(tmp_path)) for s in (small, large))
+    vid = VolumeStore(small["root"], max_stored=1).put({"volume": np.zeros((32, 64, 64), np.uint8), "info": {},
+                                                        "name": "a.npy"})
+    assert VolumeStore(small["root"]).get(vid) is not None and VolumeStore(large["root"]).get(vid) is None
+    VolumeStore(large["root"], max_stored=1).put({"volume": np.ones((4, 4, 4), np.uint8), "info": {}, "name": "b.npy"})
+    assert VolumeStore(small["root"]).get(vid) is not None  # the other app's pruning left it alone

@@ -249,8 +249,10 @@ def train_loop_per_worker(config: dict) -> None:
     # DeepSpeed's ZeRO calls the collective under its deprecated name; the warning is DeepSpeed's to act on
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
     # Ray Train's "Reporting training result" line (one per checkpoint and worker) goes to a logger named by its
-    # file, outside "ray.train": the worker's root level keeps it in the log files unless --log-level info asks
-    logging.getLogger().setLevel(config.get("log_level", "WARNING"))
+    # file, outside "ray.train", and Ray Data logs each validation pass: both stay in the log files unless
+    # --log-level info asks
+    for name in ("", "ray.data"):
+        logging.getLogger(name).setLevel(config.get("log_level", "WARNING"))
     engine, scheduler = setup_engine(cfg, config, device)
     start = resume(engine)
     _record_placement(config.get("export"), start, rank, world)
