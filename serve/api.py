@@ -5,6 +5,7 @@ import hmac
 import io
 import json
 import time
+from typing import Literal
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -84,7 +85,7 @@ class Api:
             timings["preprocess_s"] = round(time.perf_counter() - t, 4)
             if "error" in res:
                 raise HTTPException(400, res["error"])
-            item = {"volume": res["volume"], "info": res["info"], "name": file.filename}
+            item = {"volume": res["volume"], "display": res["display"], "info": res["info"], "name": file.filename}
             vid = await asyncio.to_thread(self.store.put, item)
             return vid, item, timings
         if volume_id:
@@ -179,12 +180,17 @@ class Api:
     @api.get("/v1/volumes/{volume_id}/slice/{axis}/{index}", summary="One slice of an uploaded volume as PNG")
     async def slice_png(self, request: Request, volume_id: str, axis: int, index: int,
                         window: int = Query(255, ge=1, le=255, description="display window on the 0-255 input"),
-                        level: int = Query(128, ge=0, le=255, description="display level (window centre)")) -> Response:
+                        level: int = Query(128, ge=0, le=255, description="display level (window centre)"),
+                        view: Literal["input", "native"] = Query(
+                            "input", description="input: the model's input; native: the upload on its own grid "
+                                                 "(every voxel up to 256 per axis, every k-th beyond)")) -> Response:
         from PIL import Image
 
         self._auth(request)
         _, item, _ = await self._volume(None, volume_id)
-        vol = item["volume"]
+        vol = item["volume"] if view == "input" else item.get("display")
+        if vol is None:
+            raise HTTPException(404, f"volume_id {volume_id}: no native view kept for this upload; upload it again")
         if axis not in (0, 1, 2) or not 0 <= index < vol.shape[axis]:
             raise HTTPException(400, f"axis must be 0-2 and index within {list(vol.shape)}")
         sl = np.take(vol, index, axis=axis)

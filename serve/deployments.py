@@ -15,26 +15,30 @@ BATCH = 8  # @serve.batch max size; max_ongoing_requests >= BATCH x max_concurre
 
 @serve.deployment(autoscaling_config=AUTOSCALE, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8)
 class Preprocessor:
-    """Upload bytes -> the preprocessed (D, H, W) uint8 volume, exactly as the training shards were made."""
+    """Upload bytes -> the preprocessed (D, H, W) uint8 volume, exactly as the training shards were made, and the
+    upload on its own grid for the viewer (`transform.display_volume`)."""
 
     def __init__(self, shape, data_cfg: dict, max_upload_bytes: int):
         self.shape, self.data, self.max_bytes = tuple(shape), data_cfg, max_upload_bytes
 
     def __call__(self, filename: str, data: bytes) -> dict:
-        from med3dvlm.data.transform import preprocess_volume, uses_window
+        from med3dvlm.data.transform import display_volume, preprocess_volume, uses_window
         from med3dvlm.io import VolumeError, read_upload
 
         t = time.perf_counter()
         try:
             vol = read_upload(filename, data, max_bytes=self.max_bytes)
-            arr = preprocess_volume(vol, self.shape, "uint8", tuple(self.data["window"]), self.data["window_mode"])
+            window, mode = tuple(self.data["window"]), self.data["window_mode"]
+            arr = preprocess_volume(vol, self.shape, "uint8", window, mode)
+            display = display_volume(vol, window, mode)
         except VolumeError as e:
             return {"error": str(e)}
         except Exception as e:  # still this upload's fault (read_upload wraps its parsers; this is the transform)
             return {"error": f"{filename or 'upload'}: cannot preprocess ({type(e).__name__}: {e})"}
         windowed = uses_window(vol, self.data["window_mode"])
-        return {"volume": arr, "info": {
+        return {"volume": arr, "display": display, "info": {
             "format": vol.kind, "input_shape": list(vol.array.shape), "output_shape": list(arr.shape),
+            "display_shape": list(display.shape),
             "hu_window": list(self.data["window"]) if windowed else None,
             "steps": (["HU window (width, level)"] if windowed else []) + ["min-max to [0,1]", "foreground crop",
                                                                           f"trilinear resize to {list(arr.shape)}"]},

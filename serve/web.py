@@ -1,7 +1,7 @@
-"""The web page served at `/`: upload a volume, browse axial/coronal/sagittal slices of the model input with a
-window/level control, request a report, ask a question, find similar reports. Plain HTML + fetch; the bearer token
-(when the service has one) is typed into the page and sent as a header. A new or refused upload clears every result
-of the previous volume first, so no result is ever shown beside another volume."""
+"""The web page served at `/`: upload a volume, browse axial/coronal/sagittal slices of the model input or of the
+upload on its own grid, with a window/level control, request a report, ask a question, find similar reports. Plain
+HTML + fetch; the bearer token (when the service has one) is typed into the page and sent as a header. A new or
+refused upload clears every result of the previous volume first, so no result is ever shown beside another volume."""
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>med3dvlm</title>
@@ -20,7 +20,8 @@ PAGE = """<!doctype html>
 </style></head><body>
 <h1>med3dvlm</h1>
 <p class="note">For research use only: not a medical device, not for diagnosis. Slices show the model's input
-(after preprocessing and resizing). A NIfTI upload is reoriented and labelled (radiological view: the patient's
+(after preprocessing and resizing) or, as "native", the upload on its own voxel grid (intensities as the model gets
+them, before the crop and resize; every k-th voxel of an axis longer than 256). A NIfTI upload is reoriented and labelled (radiological view: the patient's
 right on the image's left); DICOM, slice images and arrays are shown as stored, without labels.</p>
 <fieldset><legend>Volume</legend>
  <label>Token <input id="token" type="password" placeholder="bearer token, if the service needs one"></label><br><br>
@@ -38,6 +39,7 @@ right on the image's left); DICOM, slice images and arrays are shown as stored, 
  </div>
  <label>window <input id="win" type="range" min="1" max="255" value="255"></label>
  <label>level <input id="lev" type="range" min="0" max="255" value="128"></label>
+ <label>view <select id="view"><option value="input">model input</option><option value="native">native</option></select></label>
  <span class="note">(display only, on the model's 0-255 input; the model always sees the whole range)</span>
 </div>
 <fieldset><legend>Report</legend><button id="report" disabled>Generate report</button>
@@ -53,7 +55,7 @@ right on the image's left); DICOM, slice images and arrays are shown as stored, 
  <input id="query" size="40" placeholder="findings text"> <button id="search">Find volumes</button>
  <pre id="retrieve_out"></pre></fieldset>
 <script>
-let vid = null, shape = null;
+let vid = null, shape = null, shapes = null;
 const $ = id => document.getElementById(id);
 const OUT = ["report_out", "answer_out", "retrieve_out"];
 function headers(){ const t = $("token").value.trim(); return t ? {"Authorization": "Bearer " + t} : {}; }
@@ -67,7 +69,7 @@ async function call(path, form){
   return r.json();
 }
 function clearVolume(){
-  vid = null; shape = null; $("views").hidden = true;
+  vid = null; shape = null; shapes = null; $("views").hidden = true;
   for (const b of ["report", "ask", "similar"]) $(b).disabled = true;
   for (const o of OUT) $(o).textContent = "";
   for (const a of [0, 1, 2]) { const img = $("img" + a);
@@ -77,11 +79,17 @@ async function show(axis){
   if (!vid) return;
   const i = $("s" + axis).value, id = vid;
   $("n" + axis).textContent = `${+i + 1} / ${shape[axis]}`;
-  const q = `window=${$("win").value}&level=${$("lev").value}`;
+  const q = `window=${$("win").value}&level=${$("lev").value}&view=${$("view").value}`;
   const r = await fetch(`v1/volumes/${id}/slice/${axis}/${i}?${q}`, {headers: headers()});
   if (r.ok && id === vid) $("img" + axis).src = URL.createObjectURL(await r.blob());
 }
 $("win").oninput = $("lev").oninput = () => [0, 1, 2].forEach(show);
+function setView(){  // the sliders follow the shape of the chosen view, each starting at its middle slice
+  shape = shapes[$("view").value];
+  for (const a of [0, 1, 2]) { $("s" + a).max = shape[a] - 1; $("s" + a).value = Math.floor(shape[a] / 2); }
+  return Promise.all([0, 1, 2].map(show));
+}
+$("view").onchange = () => { if (vid) setView(); };
 $("upload").onclick = async () => {
   const f = $("file").files[0]; if (!f) return;
   clearVolume();
@@ -90,14 +98,14 @@ $("upload").onclick = async () => {
   try {
     const j = await call("v1/upload", fd);
     vid = j.volume_id; shape = j.preprocessing.output_shape;
+    shapes = {input: shape, native: j.preprocessing.display_shape};
     $("views").className = j.preprocessing.format === "nifti" ? "" : "plain";
     $("status").textContent = `volume ${vid} (${f.name}): ${j.preprocessing.format} ` +
       `${j.preprocessing.input_shape.join("x")} -> ${shape.join("x")}`;
     // the volume is ready for questions now; its slices load alongside
     $("views").hidden = false; for (const b of ["report", "ask", "similar"]) $(b).disabled = false;
-    for (const a of [0, 1, 2]) { $("s" + a).max = shape[a] - 1; $("s" + a).value = Math.floor(shape[a] / 2);
-      $("s" + a).oninput = () => show(a); }
-    await Promise.all([0, 1, 2].map(show));
+    for (const a of [0, 1, 2]) $("s" + a).oninput = () => show(a);
+    await setView();
   } catch (e) { clearVolume(); $("status").textContent = `${f.name} refused: ${e.message}`; $("status").className = "err"; }
 };
 async function run(out, path, fd, render){

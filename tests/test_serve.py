@@ -352,6 +352,12 @@ def test_web_page_uploads_a_volume_and_shows_a_report(served, tmp_path):
         WebDriverWait(drv, 60).until(lambda d: "volume " in d.find_element(By.ID, "status").text)
         WebDriverWait(drv, 30).until(lambda d: " / " in d.find_element(By.ID, "n0").text)
         assert drv.find_element(By.ID, "report_out").text == ""
+        # the native view browses the upload's own grid: as many slices as one of its axes (12 x 40 x 48, in the
+        # order its orientation gives), not the model input's 32
+        from selenium.webdriver.support.ui import Select
+
+        Select(drv.find_element(By.ID, "view")).select_by_value("native")
+        WebDriverWait(drv, 30).until(lambda d: d.find_element(By.ID, "n0").text.split(" / ")[-1] in {"12", "40", "48"})
     finally:
         drv.quit()
 
@@ -400,3 +406,33 @@ def test_generator_autoscales_to_two_replicas_under_load_and_back(served, chain)
     assert running() == 1, f"still {running()} Generator replicas {time.time() - t1:.0f} s after the load stopped"
     assert codes and set(codes) == {200}, sorted(set(codes))
     serve.delete("scale")
+
+
+def test_native_view_slices_are_the_upload_on_its_own_grid(served):
+    """`view=native` gives the upload's own voxels (min-max scaled to 0-255 as the model input is, before its crop
+    and resize), every k-th voxel of an axis longer than 256; `view=input` the model's input."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    arr = rng.uniform(0, 1000, (20, 600, 70)).astype(np.float32)  # not HU-like (min > -500): min-max only
+    r = requests.post(served + "/v1/upload", files={"file": ("grid.npy", npy_bytes(arr))}, headers=auth(), timeout=120)
+    assert r.status_code == 200, r.text
+    j = r.json()
+    vid, k = j["volume_id"], -(-600 // 256)
+    assert j["preprocessing"]["display_shape"] == [20, len(range(0, 600, k)), 70]
+
+    def png(axis, index, view):
+        resp = requests.get(f"{served}/v1/volumes/{vid}/slice/{axis}/{index}", params={"view": view},
+                            headers=auth(), timeout=60)
+        assert resp.status_code == 200, resp.text
+        return np.asarray(Image.open(io.BytesIO(resp.content)))
+
+    expected = np.rint((arr - arr.min()) / (arr.max() - arr.min()) * 255)[:, ::k]
+    native = png(0, 7, "native")
+    assert native.shape == expected[7].shape and np.abs(native.astype(int) - expected[7]).max() <= 1
+    assert png(2, 69, "native").shape == expected[:, :, 69].shape
+    assert png(0, 7, "input").shape == tuple(j["preprocessing"]["output_shape"][1:])
+    bad = requests.get(f"{served}/v1/volumes/{vid}/slice/0/0", params={"view": "raw"}, headers=auth(), timeout=30)
+    assert bad.status_code == 422

@@ -100,6 +100,18 @@ def preprocess_volume(
     raise ValueError(f"dtype must be uint8 or float16, not {dtype!r}")
 
 
+def display_volume(vol: Volume, window: tuple[float, float] = (400.0, 40.0), window_mode: str = "auto",
+                   max_side: int = 256) -> np.ndarray:
+    """The upload on its own voxel grid for a viewer: the model input's intensity scaling (window, then min-max over
+    the whole volume, as uint8) without the crop and the resize; an axis longer than `max_side` keeps every k-th
+    voxel (k = ceil(n / max_side)), so a 512x512 slice is shown at 256x256 and the viewer's copy stays small."""
+    arr = to_unit_range(vol, window, window_mode)
+    lo, hi = arr.min(), arr.max()
+    arr = arr[tuple(slice(None, None, -(-n // max_side)) for n in arr.shape)]
+    scaled = (arr.astype(np.float32) - np.float32(lo)) / np.float32(max(float(hi - lo), 1e-12))
+    return np.rint(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def to_float(volume) -> torch.Tensor:  # noqa: F821 (torch is imported here, not by preprocessing workers)
     """Stored volume (uint8 or float16, any leading batch dims) -> float32 in [0,1]."""
     import torch

@@ -34,16 +34,18 @@ def volume_id(volume: np.ndarray) -> str:
 
 
 def encode(item: dict) -> bytes:
+    """The volume, the viewer's copy on the upload's own grid (`display`, when there is one) and the metadata."""
     buf = io.BytesIO()
     meta = json.dumps({"info": item["info"], "name": item["name"]})
-    np.savez(buf, volume=item["volume"], meta=np.array(meta))
+    extra = {"display": item["display"]} if item.get("display") is not None else {}
+    np.savez(buf, volume=item["volume"], meta=np.array(meta), **extra)
     return buf.getvalue()
 
 
 def decode(data: bytes) -> dict:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
-        return {"volume": z["volume"], **meta}
+        return {"volume": z["volume"], "display": z["display"] if "display" in z.files else None, **meta}
 
 
 class VolumeStore:
@@ -56,7 +58,8 @@ class VolumeStore:
             os.makedirs(storage.resolve(self.root)[1], mode=0o700, exist_ok=True)
 
     def put(self, item: dict) -> str:
-        """Store `{"volume", "info", "name"}`; returns its id. The same volume again gets the same id."""
+        """Store `{"volume", "info", "name"}` (and `display`); returns its id. The same volume again gets the same
+        id."""
         vid = volume_id(item["volume"])
         storage.write_bytes(self._path(vid), encode(item))
         self._remember(vid, item)
