@@ -216,7 +216,8 @@ def summarize(a, cfg, results, out: str, local: Path, started: float, log) -> di
     scored = [r for r in rows if r["best"] is not None and not r["error"]]
     if not scored:
         raise UserError(f"no trial reported {a.metric}; see {storage.join(out, SWEEP_NAME)}")
-    best = (max if mode == "max" else min)(scored, key=lambda r: r["best"])
+    # a tie (trials of one configuration reach the same figure) goes to the first trial by name: a resume agrees
+    best = min(scored, key=lambda r: (-r["best"] if mode == "max" else r["best"], r["trial"]))
     save_config(with_loss_init(cfg, best), local / "best.yaml")  # the user's training settings, the best initialisation
     export = storage.join(out, "runs", best["trial"], "stage1")
     has_export = storage.is_file(storage.join(export, "config.json"))

@@ -261,6 +261,13 @@ def train_loop_per_worker(config: dict) -> None:
                            cfg.train.log_every if rank == 0 else 0))
     recent = RecentVolumes(cfg.train.precise_bn_batches)
     run_epochs(cfg, config, engine, scheduler, log, start, device, rank, recent)
+    if start >= config["total_steps"]:  # restarted after the last checkpoint: run_epochs had no step left to finish
+        finish(cfg, config, engine, log, rank)
+
+
+def finish(cfg: Config, config: dict, engine, log: StepLog, rank: int) -> None:
+    """TensorBoard closed, the export and history.json (rank 0) written: before the run's last report, so a Tune
+    trial stopped at that report (max_t) already has its export."""
     log.close()
     if config.get("export"):
         export_model(engine, engine.module, config["export"], cfg.train.zero_stage)
@@ -297,9 +304,9 @@ def train_step(engine, cfg: Config, batch: dict, keys: list[str], device) -> tor
 def run_epochs(cfg: Config, config: dict, engine, scheduler, log: StepLog, start: int, device, rank: int,
                recent: RecentVolumes) -> None:
     """Steps `start` .. total: train, log, validate every `eval_every` (stage 1), checkpoint every `checkpoint_every`
-    (or per epoch) and at the end; a resumed run skips the batches its epoch consumed before the failure. Precise
-    BatchNorm statistics (from `recent`) come before each validation and the last checkpoint, which the export
-    then equals."""
+    (or per epoch) and at the end, after the export (`finish`); a resumed run skips the batches its epoch consumed
+    before the failure. Precise BatchNorm statistics (from `recent`) come before each validation and the last
+    checkpoint, which the export then equals."""
     import ray.train
 
     stage, steps_per_epoch, total = config["stage"], config["steps_per_epoch"], config["total_steps"]
@@ -333,6 +340,8 @@ def run_epochs(cfg: Config, config: dict, engine, scheduler, log: StepLog, start
                 log.scalars(m, step - 1, ("val_loss", "val_R@1"))
                 if log.progress:
                     log.progress.validation(m, step)
+            if step == total:
+                finish(cfg, config, engine, log, rank)
             if step % ckpt_every == 0 or step == total:
                 _save_and_report(engine, m, step - 1)
             elif validate and step % every == 0:
