@@ -24,7 +24,7 @@ DEFAULT_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar, once per worker and stage
     # Ray Data's V2 Parquet reader starts a pool of footer-reading actors for every read (about 12 s on 2 cores,
-    # each epoch of a streamed stage; killing them mid-start is Ray's "Failed to kill actor" lines); V1 reads the
+    # each epoch of a streamed stage; killing them mid-start is likely Ray's "Failed to kill actor" lines); V1 reads the
     # same rows in well under a second. Set to 1 to get V2 back.
     "RAY_DATA_USE_DATASOURCE_V2": "0",
 }

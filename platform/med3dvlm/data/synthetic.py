@@ -3,10 +3,11 @@
 Each case is a body (an ellipsoid, longer superior-inferior, wider left-right) holding one organ (position, shape and
 brightness per organ) and, with probability 0.7, a lesion whose side (left/right), pole (upper/lower), size and
 brightness vary; the report names the organ and the lesion's density and side. Each case exports 1-2 series; a
-series has a plane (the stacking axis: axial, coronal, sagittal) and a contrast phase (organ brightness). The report (`text.txt`, per case as in M3D) says only what the image shows (so
-every distinct report is one a model can tell from the volume), and all five VQA question types are derived from the
-same attributes. Choices come in M3D's random order, with the answer's letter balanced within each question type (in
-blocks of four), so no letter wins by being frequent.
+series has a plane (the stacking axis: axial, coronal, sagittal) and a contrast phase (organ brightness). The report
+(`text.txt`, per case as in M3D) says only what the image shows (so every distinct report is one a model can tell
+from the volume), and all five VQA question types are derived from the same attributes. Choices come in M3D's
+random order, with the answer's letter balanced within each question type (in blocks of four), so no letter wins by
+being frequent.
 
     write_m3d_tree(out, cases=40, seed=0, bad=True)
 

@@ -90,9 +90,7 @@ def preprocess_volume(
     if not hi > lo:
         raise VolumeError(f"{vol.source}: constant volume (all voxels {float(lo):g}), nothing to normalise")
     cropped = arr[foreground_bbox(arr, lo)]
-    out = resize_trilinear(cropped, shape)
-    out = (out - np.float32(lo)) / np.float32(hi - lo)
-    np.clip(out, 0.0, 1.0, out=out)
+    out = _min_max(resize_trilinear(cropped, shape), lo, hi)
     if dtype == "uint8":
         return np.rint(out * 255.0).astype(np.uint8)
     if dtype == "float16":
@@ -107,9 +105,14 @@ def display_volume(vol: Volume, window: tuple[float, float] = (400.0, 40.0), win
     voxel (k = ceil(n / max_side)), so a 512x512 slice is shown at 256x256 and the viewer's copy stays small."""
     arr = to_unit_range(vol, window, window_mode)
     lo, hi = arr.min(), arr.max()
-    arr = arr[tuple(slice(None, None, -(-n // max_side)) for n in arr.shape)]
-    scaled = (arr.astype(np.float32) - np.float32(lo)) / np.float32(max(float(hi - lo), 1e-12))
-    return np.rint(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+    strided = arr[tuple(slice(None, None, -(-n // max_side)) for n in arr.shape)]
+    return np.rint(_min_max(strided, lo, max(hi, lo + 1e-12)) * 255.0).astype(np.uint8)
+
+
+def _min_max(arr: np.ndarray, lo, hi) -> np.ndarray:
+    """`arr` scaled so that [lo, hi] is [0, 1], clipped (float32)."""
+    out = (arr.astype(np.float32, copy=False) - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def to_float(volume) -> torch.Tensor:  # noqa: F821 (torch is imported here, not by preprocessing workers)
