@@ -53,7 +53,9 @@ def test_export_equals_the_trained_weights_and_reloads(chain):
 
 
 def test_worker_failure_resumes_from_the_last_checkpoint(shards, tmp_path):
-    cfg = cfg_for("train.fail_at_step=4", "train.checkpoint_every=2", "train.max_failures=1", "train.stage1.epochs=3")
+    # materialised samples (the demo's setting): the restarted run builds them again, not from the failed run's blocks
+    cfg = cfg_for("train.fail_at_step=4", "train.checkpoint_every=2", "train.max_failures=1", "train.stage1.epochs=3",
+                  "train.materialize=true", "train.augment=false")
     r = train(cfg, 1, str(shards[0]), str(tmp_path), log=lambda *_: None)
     h = r["history"]
     # the restarted worker began after the last checkpoint (step 3 saved at step index 3) and finished every step

@@ -62,14 +62,30 @@ def init_ray(num_cpus: int | None = None):
         ray.init(num_cpus=cpus, object_store_memory=2 << 30, include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": {k: os.environ[k] for k in DEFAULT_ENV}},
                  log_to_driver=True, configure_logging=False)
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
-    ctx.use_datasource_v2 = os.environ.get("RAY_DATA_USE_DATASOURCE_V2", "0") == "1"  # ray.data read it on import
-    ctx.print_on_execution_start = log_level() in ("DEBUG", "INFO")  # "Starting execution of Dataset ..."
+    configure_data_context()
     quiet_ray_libraries()
     return ray
+
+
+def data_settings() -> dict:
+    """This process's Ray Data settings, to apply here or in another process (`configure_data_context`): the V1
+    Parquet reader unless RAY_DATA_USE_DATASOURCE_V2=1, execution plans printed only at `--log-level info|debug`,
+    progress bars on a terminal."""
+    return {"use_datasource_v2": os.environ.get("RAY_DATA_USE_DATASOURCE_V2", "0") == "1",
+            "print_on_execution_start": log_level() in ("DEBUG", "INFO"),  # "Starting execution of Dataset ..."
+            "enable_progress_bars": sys.stderr.isatty(), "log_level": log_level()}
+
+
+def configure_data_context(settings: dict | None = None) -> None:
+    import logging
+
+    from ray.data import DataContext
+
+    settings = dict(settings or data_settings())
+    logging.getLogger("ray.data").setLevel(getattr(logging, settings.pop("log_level"), logging.WARNING))
+    ctx = DataContext.get_current()
+    for k, v in settings.items():
+        setattr(ctx, k, v)
 
 
 def task_cpus() -> float:

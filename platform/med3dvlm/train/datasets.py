@@ -4,6 +4,7 @@ off the trainer), and the sample counts the driver plans steps with."""
 from __future__ import annotations
 
 from med3dvlm.data.shards import read_shards, read_table
+from med3dvlm.runtime import configure_data_context, data_settings
 
 
 def qa_splits(cfg, stage: int) -> tuple[str, ...]:
@@ -47,3 +48,18 @@ def build_dataset(cfg, stage: int, shards: str, split: str = "train", training: 
             "text_encoder": cfg.model.text_encoder, "max_len": cfg.model.text_max_len})
     return ds.map_batches(tokenize_tasks, batch_size=32, fn_kwargs={
         "llm": cfg.model.llm, "n_image": cfg.model.image_tokens, "max_len": cfg.model.max_len})
+
+
+class StageData:
+    """A stage's dataset as Ray Train builds it when a worker group starts (in the run's controller): a run restarted
+    after a node loss reads its samples afresh instead of referring to blocks that lived on the lost node. It carries
+    the driver's Ray Data settings into the controller's process."""
+
+    def __init__(self, cfg, stage: int, shards: str, split: str = "train", training: bool = True):
+        self.args = (cfg, stage, shards, split, training)
+        self.settings = {**data_settings(), "enable_progress_bars": False}
+
+    def __call__(self):
+        configure_data_context(self.settings)
+        ds = build_dataset(*self.args)
+        return ds.materialize() if self.args[0].train.materialize else ds  # read, decode and tokenise once

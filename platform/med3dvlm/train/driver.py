@@ -13,7 +13,7 @@ from pathlib import Path
 from med3dvlm import storage
 from med3dvlm.models.export import CLIP, VLM, ExportError, read_meta
 from med3dvlm.runtime import UserError, init_ray, log_level, sha256_json, write_run_json
-from med3dvlm.train.datasets import build_dataset, count_samples, count_validation
+from med3dvlm.train.datasets import StageData, count_samples, count_validation
 
 BUILTIN_TEXT = ("minilm", "tiny-bert")
 BUILTIN_LLM = ("tiny-qwen2",)
@@ -135,11 +135,9 @@ def make_trainer(cfg, stage: int, shards: str, out: str, init: str | None, plan:
     from med3dvlm.train.loop import train_loop_per_worker
 
     export = storage.join(out, f"stage{stage}")
-    datasets = {"train": build_dataset(cfg, stage, shards)}
+    datasets = {"train": StageData(cfg, stage, shards)}
     if plan.validate:
-        datasets["validation"] = build_dataset(cfg, 1, shards, cfg.train.validation_split, training=False)
-    if cfg.train.materialize:  # read, decode and tokenise once, not once per epoch
-        datasets = {k: ds.materialize() for k, ds in datasets.items()}
+        datasets["validation"] = StageData(cfg, 1, shards, cfg.train.validation_split, training=False)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "init": storage.absolute(init) if init else None,
