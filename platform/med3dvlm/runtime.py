@@ -82,7 +82,10 @@ def configure_data_context(settings: dict | None = None) -> None:
     from ray.data import DataContext
 
     settings = dict(settings or data_settings())
-    logging.getLogger("ray.data").setLevel(getattr(logging, settings.pop("log_level"), logging.WARNING))
+    level = getattr(logging, settings.pop("log_level"), logging.WARNING)
+    logging.getLogger("ray.data").setLevel(level)
+    # "Progress bars disabled": a notice at warning level, once in each process that runs a dataset without bars
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR if level > logging.INFO else level)
     ctx = DataContext.get_current()
     for k, v in settings.items():
         setattr(ctx, k, v)

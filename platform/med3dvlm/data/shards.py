@@ -68,12 +68,16 @@ def decode_volumes(blobs, shapes) -> np.ndarray:
 
 
 def decode_batch(batch: dict) -> dict:
-    """A numpy batch of shard rows with the volume bytes decoded (Ray Data's `map_batches`). A volume's questions
-    come back as lists (numpy arrays of dicts would not convert back to Arrow and travel pickled)."""
-    out = {**batch, "volume": decode_volumes(batch["volume"], batch["shape"])}
+    """A numpy batch of shard rows with the volume bytes decoded (Ray Data's `map_batches`)."""
+    return qa_as_lists({**batch, "volume": decode_volumes(batch["volume"], batch["shape"])})
+
+
+def qa_as_lists(batch: dict) -> dict:
+    """A numpy batch's questions as lists, for a `map_batches` that returns them: numpy arrays of dicts do not convert
+    back to Arrow (they travel pickled, with a warning per task)."""
     if "qa" in batch:
-        out["qa"] = [None if q is None else list(q) for q in batch["qa"]]
-    return out
+        batch["qa"] = [list(q) if isinstance(q, np.ndarray) else q for q in batch["qa"]]
+    return batch
 
 
 def process_shard(spec: dict) -> dict:

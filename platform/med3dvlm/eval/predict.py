@@ -7,6 +7,8 @@ A failure on one sample becomes that sample's `error` with an empty prediction; 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -80,8 +82,9 @@ class Generator:
         self.gen_kw = {"max_new_tokens": max_new_tokens, "do_sample": sample}
         if repetition_penalty != 1.0:
             self.gen_kw["repetition_penalty"] = repetition_penalty
-        if no_repeat_ngram_size:
+        if no_repeat_ngram_size:  # on the generated tokens only, as asked (transformers warns that it skips the prompt)
             self.gen_kw["no_repeat_ngram_size"] = no_repeat_ngram_size
+            warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
         if sample:
             self.gen_kw.update(temperature=temperature, top_p=top_p)
 

@@ -175,8 +175,10 @@ def _partner_volumes(batch: dict, partner: dict) -> dict:
     import numpy as np
     import ray
 
+    from med3dvlm.data.shards import qa_as_lists
+
     batch["volume"] = np.stack(ray.get([partner[str(v)] for v in batch["volume_id"]]))
-    return batch
+    return qa_as_lists(batch)
 
 
 def pool_args(ec: EvalConfig) -> dict:
