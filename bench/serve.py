@@ -6,7 +6,7 @@ forward time (in-process, batch 1).
 Uses the demo's models (run `make demo` first) or --model/--clip/--index. Load: --clients threads, --requests each;
 the stepped load holds each of --steps client counts for --step-s seconds.
 
-    .venv/bin/python bench/serve.py [--clients 8] [--requests 48] [--new-tokens 32] [--steps 1,4,8] [--step-s 30]
+    .venv/bin/python bench/serve.py [--clients 8] [--requests 48] [--new-tokens 32] [--steps 1,8,16] [--step-s 30]
 """
 
 import argparse
@@ -197,7 +197,7 @@ def main():
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--steps", default="1,4,8", help="client counts of the stepped load, in order")
+    p.add_argument("--steps", default="1,8,16", help="client counts of the stepped load, in order")
     p.add_argument("--step-s", type=float, default=30)
     a = p.parse_args()
     import ray
