@@ -142,7 +142,8 @@ class Generator:
 
         streamer = TextIteratorStreamer(self.vlm.tokenizer, skip_special_tokens=True)
         kw = {"do_sample": True, "temperature": req["temperature"], "top_p": req["top_p"]} if req["temperature"] > 0 else {}
-        feats = torch.from_numpy(np.asarray(req["tokens"])[None]).to(self.device, self.dtype)
+        # a copy: the features come out of Ray's object store read-only
+        feats = torch.tensor(np.asarray(req["tokens"])[None], device=self.device, dtype=self.dtype)
         worker = threading.Thread(target=self.vlm.generate_from_features, daemon=True, args=(
             feats, [req["prompt"]], req["max_new_tokens"]),
             kwargs={**kw, "streamer": streamer, "stopping_criteria": StoppingCriteriaList([Stop()])})

@@ -53,9 +53,7 @@ def test_export_equals_the_trained_weights_and_reloads(chain):
 
 
 def test_worker_failure_resumes_from_the_last_checkpoint(shards, tmp_path):
-    # materialised samples (the demo's setting): the restarted run builds them again, not from the failed run's blocks
-    cfg = cfg_for("train.fail_at_step=4", "train.checkpoint_every=2", "train.max_failures=1", "train.stage1.epochs=3",
-                  "train.materialize=true", "train.augment=false")
+    cfg = cfg_for("train.fail_at_step=4", "train.checkpoint_every=2", "train.max_failures=1", "train.stage1.epochs=3")
     r = train(cfg, 1, str(shards[0]), str(tmp_path), log=lambda *_: None)
     h = r["history"]
     # the restarted worker began after the last checkpoint (step 3 saved at step index 3) and finished every step
@@ -74,6 +72,7 @@ def test_bad_input_fails_before_any_worker_starts(shards, tmp_path, chain):
         (lambda: train(cfg, 2, s, str(tmp_path), str(tmp_path)), "not an exported model directory"),
         (lambda: train(load_config("tiny", ["data.shape=[16,64,64]"]), 1, s, str(tmp_path)), "shape"),
         (lambda: train(cfg_for("train.num_workers=64"), 1, s, str(tmp_path)), "CPUs"),
+        (lambda: train(cfg_for("train.closed_orders=5"), 2, s, str(tmp_path), chain[1]["export"]), "closed_orders"),
         (lambda: train(cfg_for("model.text_encoder=/no/such/model"), 1, s, str(tmp_path)), "does not exist"),
     ]
     for fn, words in cases:
@@ -81,3 +80,22 @@ def test_bad_input_fails_before_any_worker_starts(shards, tmp_path, chain):
         with pytest.raises(UserError, match=words):
             fn()
         assert time.time() - t < 10
+
+
+def test_closed_orders_put_each_answer_under_every_letter_with_the_same_choices():
+    from med3dvlm.data.samples import rotate_choices, task_rows
+
+    q = {"question": "Which organ?", "choice_a": "Liver", "choice_b": "Spleen", "choice_c": "Kidney",
+         "choice_d": "Pancreas", "answer_choice": "C", "answer": "Kidney", "yes_no": False, "split": "train"}
+    rotated = [rotate_choices(q, k) for k in range(4)]
+    assert rotated[0] == q and [r["answer_choice"] for r in rotated] == ["C", "D", "A", "B"]
+    for r in rotated:  # the answer's text under its letter; the same four texts, in cyclic order
+        assert r["choice_" + r["answer_choice"].lower()] == "Kidney"
+        assert {r["choice_" + l] for l in "abcd"} == {"Liver", "Spleen", "Kidney", "Pancreas"}
+    three = {**q, "choice_d": "", "answer_choice": "A", "answer": "Liver"}  # a missing choice stays missing
+    assert [rotate_choices(three, k)["answer_choice"] for k in range(3)] == ["A", "B", "C"]
+    assert rotate_choices(three, 1)["choice_d"] == ""
+    row = {"volume": None, "volume_id": "v", "report": "r", "qa": [q]}
+    closed = [s for s in task_rows(row, 3, ("train",), closed_orders=4) if s["task"] == "closed"]
+    assert [s["answer"] for s in closed] == [" C. Kidney", " D. Kidney", " A. Kidney", " B. Kidney"]
+    assert len(task_rows(row, 3, ("train",))) == 3  # by default as given: report, closed, open

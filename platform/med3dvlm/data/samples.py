@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from med3dvlm.models.prompt import closed_prompt, encode_example, open_prompt, report_prompt, vlm_tokenizer
+from med3dvlm.models.prompt import LETTERS, closed_prompt, encode_example, open_prompt, report_prompt, vlm_tokenizer
 
 
 def shorten_report(text: str, n_tokens, max_tokens: int) -> str:
@@ -28,8 +28,21 @@ def shorten_report(text: str, n_tokens, max_tokens: int) -> str:
     return " ".join(out)
 
 
-def task_rows(row: dict, stage: int, qa_splits: tuple[str, ...], seed: int = 0) -> list[dict]:
-    """One shard row -> its stage-2/3 samples (prompt, answer, task)."""
+def rotate_choices(q: dict, k: int) -> dict:
+    """A closed question with its choices moved k letters on (with four choices, A's text to B, ..., D's to A): the
+    same question, its answer under another letter. A question whose answer letter is not among its choices stays."""
+    letters = [l for l in LETTERS if q["choice_" + l.lower()] not in ("", None)]
+    if q["answer_choice"] not in letters:
+        return q
+    n, texts = len(letters), [q["choice_" + l.lower()] for l in letters]
+    out = {**q, "answer_choice": letters[(letters.index(q["answer_choice"]) + k) % n]}
+    out.update({"choice_" + l.lower(): texts[(i - k) % n] for i, l in enumerate(letters)})
+    return out
+
+
+def task_rows(row: dict, stage: int, qa_splits: tuple[str, ...], seed: int = 0, closed_orders: int = 1) -> list[dict]:
+    """One shard row -> its stage-2/3 samples (prompt, answer, task); each closed question in `closed_orders` orders of
+    its choices (rotations), so that its answer is learnt under as many letters."""
     base = {"volume": row["volume"], "volume_id": row["volume_id"]}
     rows = [{**base, "prompt": report_prompt(row["volume_id"], seed), "answer": " " + row["report"], "task": "report"}]
     for q in row["qa"] if row["qa"] is not None else []:
@@ -40,9 +53,11 @@ def task_rows(row: dict, stage: int, qa_splits: tuple[str, ...], seed: int = 0) 
             continue
         if q["split"] not in qa_splits:
             continue
-        for task, fn in (("closed", closed_prompt), ("open", open_prompt)):
-            p, a = fn(q)
-            rows.append({**base, "prompt": p, "answer": a, "task": task})
+        for k in range(closed_orders):
+            p, a = closed_prompt(rotate_choices(q, k))
+            rows.append({**base, "prompt": p, "answer": a, "task": "closed"})
+        p, a = open_prompt(q)
+        rows.append({**base, "prompt": p, "answer": a, "task": "open"})
     return rows
 
 

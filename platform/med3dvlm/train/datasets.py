@@ -23,7 +23,8 @@ def count_samples(cfg, stage: int, shards: str) -> int:
     if stage == 1:
         return len(t)
     splits = qa_splits(cfg, stage)
-    return sum(len(task_rows({**r, "volume": None}, stage, splits)) for r in t.to_pylist())
+    return sum(len(task_rows({**r, "volume": None}, stage, splits, closed_orders=cfg.train.closed_orders))
+               for r in t.to_pylist())
 
 
 def count_validation(cfg, shards: str) -> int:
@@ -40,7 +41,8 @@ def build_dataset(cfg, stage: int, shards: str, split: str = "train", training: 
     if training and cfg.train.max_train_volumes > 0:
         ds = ds.limit(cfg.train.max_train_volumes)
     if stage > 1:
-        ds = ds.flat_map(task_rows, fn_kwargs={"stage": stage, "qa_splits": qa_splits(cfg, stage)})
+        ds = ds.flat_map(task_rows, fn_kwargs={"stage": stage, "qa_splits": qa_splits(cfg, stage),
+                                               "closed_orders": cfg.train.closed_orders})
     if training and cfg.train.augment:  # parameters only: the train worker applies them (train.augment)
         ds = ds.map_batches(augment_params, batch_size=32)
     if stage == 1:

@@ -77,6 +77,9 @@ def check_inputs(cfg, stage: int, shards: str, init: str | None) -> dict:
     if cfg.train.materialize and cfg.train.augment:
         raise UserError("train.materialize=true would repeat the first epoch's augmentation draws in every epoch; "
                         "set train.augment=false with it")
+    if not 1 <= cfg.train.closed_orders <= 4:
+        raise UserError(f"train.closed_orders={cfg.train.closed_orders}: a closed question has 1 to 4 orders of its "
+                        "choices (rotations)")
     return manifest
 
 
