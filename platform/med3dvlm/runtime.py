@@ -77,15 +77,10 @@ def data_settings() -> dict:
 
 
 def configure_data_context(settings: dict | None = None) -> None:
-    import logging
-
     from ray.data import DataContext
 
     settings = dict(settings or data_settings())
-    level = getattr(logging, settings.pop("log_level"), logging.WARNING)
-    logging.getLogger("ray.data").setLevel(level)
-    # "Progress bars disabled": a notice at warning level, once in each process that runs a dataset without bars
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR if level > logging.INFO else level)
+    ray_data_log_level(settings.pop("log_level"))
     ctx = DataContext.get_current()
     for k, v in settings.items():
         setattr(ctx, k, v)
@@ -104,6 +99,16 @@ def task_cpus() -> float:
 def log_level() -> str:
     """The platform's log level for Ray's libraries: `--log-level` (MED3DVLM_LOG_LEVEL), warning by default."""
     return os.environ.get("MED3DVLM_LOG_LEVEL", "warning").upper()
+
+
+def ray_data_log_level(level: str) -> None:
+    """Ray Data's loggers in this process at `level`; its "Progress bars disabled" notice (a warning, once in each
+    process that runs a dataset without bars) only at info or debug."""
+    import logging
+
+    n = getattr(logging, level.upper(), logging.WARNING)
+    logging.getLogger("ray.data").setLevel(n)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR if n > logging.INFO else n)
 
 
 def quiet_ray_libraries() -> None:

@@ -21,6 +21,7 @@ import torch
 
 from med3dvlm import storage
 from med3dvlm.config import Config, config_from_dict
+from med3dvlm.runtime import ray_data_log_level
 from med3dvlm.train.precise_bn import RecentVolumes
 
 
@@ -251,8 +252,8 @@ def train_loop_per_worker(config: dict) -> None:
     # Ray Train's "Reporting training result" line (one per checkpoint and worker) goes to a logger named by its
     # file, outside "ray.train", and Ray Data logs each validation pass: both stay in the log files unless
     # --log-level info asks
-    for name in ("", "ray.data"):
-        logging.getLogger(name).setLevel(config.get("log_level", "WARNING"))
+    logging.getLogger().setLevel(config.get("log_level", "WARNING"))
+    ray_data_log_level(config.get("log_level", "WARNING"))
     engine, scheduler = setup_engine(cfg, config, device)
     start = resume(engine)
     _record_placement(config.get("export"), start, rank, world)
