@@ -117,8 +117,9 @@ def quiet_ray_libraries() -> None:
     import logging
 
     level = getattr(logging, log_level(), logging.WARNING)
-    for name in ("ray.data", "ray.train", "ray.tune", "ray.serve"):
+    for name in ("ray.train", "ray.tune", "ray.serve"):
         logging.getLogger(name).setLevel(level)
+    ray_data_log_level(log_level())
 
 
 def git_sha() -> str:

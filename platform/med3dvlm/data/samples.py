@@ -53,8 +53,8 @@ def task_rows(row: dict, stage: int, qa_splits: tuple[str, ...], seed: int = 0, 
             continue
         if q["split"] not in qa_splits:
             continue
-        for k in range(closed_orders):
-            p, a = closed_prompt(rotate_choices(q, k))
+        # distinct orders only: a question with fewer choices (or no valid answer letter) has fewer rotations
+        for p, a in dict.fromkeys(closed_prompt(rotate_choices(q, k)) for k in range(closed_orders)):
             rows.append({**base, "prompt": p, "answer": a, "task": "closed"})
         p, a = open_prompt(q)
         rows.append({**base, "prompt": p, "answer": a, "task": "open"})
