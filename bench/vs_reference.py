@@ -296,8 +296,8 @@ def main():
     if a.preprocess:
         cmd = "python bench/vs_reference.py --med3dvlm MIRROR --m3d MIRROR --preprocess --skip-encoder " \
               f"--series {a.series} --rounds {a.rounds}"
-        for config, row in preprocess_rows(a).items():
-            result[f"preprocess_{config}"] = {**common, "command": cmd, **row}
+        for config, row in preprocess_rows(a).items():  # one row per config and tree size
+            result[f"preprocess_{config}_{a.series}"] = {**common, "command": cmd, **row}
     out.write_text(json.dumps(result, indent=1))
     print(f"-> {out}")
 

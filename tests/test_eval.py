@@ -9,7 +9,7 @@ import torch
 
 from med3dvlm.eval.retrieval import rank_of_target, recall_at_k, retrieval_at_n, retrieval_metrics
 from med3dvlm.eval.text import BertScore, bleu1, meteor, rouge1
-from med3dvlm.eval.vqa import lenient_correct, strict_correct
+from med3dvlm.eval.vqa import accuracy_by_type, lenient_correct, named_correct, strict_correct
 
 PAIRS = [  # (prediction, reference)
     ("The liver is normal in size.", "The liver is normal in size."),  # identical
@@ -115,6 +115,25 @@ def test_recall_at_k_on_a_hand_worked_matrix():
 def test_closed_vqa_lenient_vs_strict(pred, letter, lenient, strict):
     assert lenient_correct(pred, letter) is lenient
     assert strict_correct(pred, letter) is strict
+
+
+@pytest.mark.parametrize("pred,answer,named", [
+    ("b. non - contrast", "Non-contrast", True),  # the tiny config's uncased WordPiece decoding
+    ("A. Liver", "Liver", True),  # the wrong letter, the right organ: still named
+    ("a. left side of the liver", "Right side of the liver", False),
+    ("D. Hypodense lesion", "Hyperdense lesion", False),
+    ("", "Liver", False),
+    ("A. Liver", "", False),
+])
+def test_closed_vqa_named_ignores_the_letter(pred, answer, named):
+    assert named_correct(pred, answer) is named
+
+
+def test_accuracy_by_type_scores_the_rules_a_file_has():
+    old = [{"question_type": "1", "lenient": "1", "strict": "0"}, {"question_type": "3", "lenient": "0", "strict": "0"}]
+    new = [{**r, "named": "1"} for r in old]
+    assert "named" not in accuracy_by_type(old) and accuracy_by_type(old)["lenient"]["mean"] == 0.5
+    assert accuracy_by_type(new)["named"] == {"per_type": {"Plane": 1.0, "Organ": 1.0}, "mean": 1.0}
 
 
 def test_generator_keeps_a_failing_sample_as_an_error(chain, shards):

@@ -14,7 +14,7 @@ CSV_COLUMNS = {
     "text": ["key", "volume_id", "question_type", "question", "reference", "prediction", "bleu", "rouge1", "meteor",
              "bert_f1", "error"],
     "vqa-closed": ["key", "volume_id", "question_type", "question", "reference", "answer_choice", "prediction",
-                   "lenient", "strict", "error"],
+                   "lenient", "strict", "named", "error"],
 }
 
 
@@ -88,11 +88,13 @@ def _retrieval_table(m: dict) -> list[str]:
 def _closed_table(m: dict) -> list[str]:
     types = list(m["lenient"]["per_type"])
     lines = ["| rule | " + " | ".join(types) + " | mean |", "|---|" + "--:|" * (len(types) + 1)]
-    for rule in ("lenient", "strict"):
+    from med3dvlm.eval.vqa import RULES
+
+    for rule in (r for r in RULES if r in m):
         lines.append(f"| {rule} | " + " | ".join(f"{100 * m[rule]['per_type'][t]:.2f}" for t in types)
                      + f" | {100 * m[rule]['mean']:.2f} |")
     return lines + ["", "lenient: \"<letter>.\" anywhere in the answer (the benchmark's rule); strict: the first choice "
-                        "letter the answer names."]
+                        "letter the answer names; named (a diagnostic, not the benchmark's): the answer's text appears, whatever its letter."]
 
 
 def _text_table(res: dict) -> list[str]:

@@ -255,7 +255,7 @@ class Scorer:
 
     def __call__(self, rows: list[dict]) -> None:
         from med3dvlm.eval.text import text_scores
-        from med3dvlm.eval.vqa import lenient_correct, strict_correct
+        from med3dvlm.eval.vqa import lenient_correct, named_correct, strict_correct
 
         if self.closed:
             if self.nocase is None:
@@ -263,6 +263,7 @@ class Scorer:
             for r in rows:
                 r["lenient"] = int(lenient_correct(r["prediction"], r["answer_choice"], self.nocase))
                 r["strict"] = int(strict_correct(r["prediction"], r["answer_choice"], self.nocase))
+                r["named"] = int(named_correct(r["prediction"], r["reference"]))
             return
         for r in rows:
             r.update(text_scores(r["prediction"], r["reference"]))
