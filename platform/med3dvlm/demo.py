@@ -68,8 +68,8 @@ def print_table(check: dict, rows: list[dict], seconds: float, log) -> None:
     log("closed VQA per type (lenient): " + ", ".join(
         f"{k} {100 * v:.0f}% (majority {100 * maj[k]['accuracy']:.0f}%)" for k, v in vqa["lenient"]["per_type"].items()))
     named, ctrl = vqa["named"], check["vqa-closed-shuffled"]["metrics"]["named"]
-    log(f"closed VQA, the answer's text named whatever its letter (a diagnostic, not a target): {100 * named['mean']:.1f}"
-        f"% (shuffled images {100 * ctrl['mean']:.1f}%); per type: " + ", ".join(
+    log("closed VQA, the answer's text named whatever its letter (a diagnostic, not a target): "
+        f"{100 * named['mean']:.1f}% (shuffled images {100 * ctrl['mean']:.1f}%); per type: " + ", ".join(
             f"{k} {100 * v:.0f}% ({100 * ctrl['per_type'][k]:.0f}%)" for k, v in named["per_type"].items()))
 
 

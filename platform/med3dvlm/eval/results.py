@@ -94,7 +94,8 @@ def _closed_table(m: dict) -> list[str]:
         lines.append(f"| {rule} | " + " | ".join(f"{100 * m[rule]['per_type'][t]:.2f}" for t in types)
                      + f" | {100 * m[rule]['mean']:.2f} |")
     return lines + ["", "lenient: \"<letter>.\" anywhere in the answer (the benchmark's rule); strict: the first choice "
-                        "letter the answer names; named (a diagnostic, not the benchmark's): the answer's text appears, whatever its letter."]
+                        "letter the answer names; named (a diagnostic, not the benchmark's): the answer's text appears, "
+                        "whatever its letter."]
 
 
 def _text_table(res: dict) -> list[str]:
