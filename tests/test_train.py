@@ -99,3 +99,26 @@ def test_closed_orders_put_each_answer_under_every_letter_with_the_same_choices(
     closed = [s for s in task_rows(row, 3, ("train",), closed_orders=4) if s["task"] == "closed"]
     assert [s["answer"] for s in closed] == [" C. Kidney", " D. Kidney", " A. Kidney", " B. Kidney"]
     assert len(task_rows(row, 3, ("train",))) == 3  # by default as given: report, closed, open
+
+
+def test_expand_tasks_gives_each_task_its_own_volume_as_task_rows_does():
+    """The columnar expansion the feed uses equals `task_rows` volume by volume: every task, in order, beside the
+    volume it was asked of (a volume with no questions still gives its report)."""
+    import numpy as np
+
+    from med3dvlm.data.samples import expand_tasks, task_rows
+
+    q = {"question": "Which organ?", "choice_a": "Liver", "choice_b": "Spleen", "choice_c": "", "choice_d": "",
+         "answer_choice": "B", "answer": "Spleen", "yes_no": False, "split": "train"}
+    yn = {**q, "question": "Is there a lesion?", "answer": "Yes", "yes_no": True}
+    batch = {"volume_id": np.array(["a", "b"], dtype=object), "report": np.array(["ra", "rb"], dtype=object),
+             "qa": np.array([[q, yn], None], dtype=object), "volume": np.stack([np.zeros((2, 3, 3), np.uint8),
+                                                                               np.ones((2, 3, 3), np.uint8)])}
+    out = expand_tasks(batch, 3, ("train", "yn_train"), closed_orders=2)
+    rows = [t for i in range(2) for t in task_rows({k: batch[k][i] for k in batch}, 3, ("train", "yn_train"),
+                                                   closed_orders=2)]
+    assert len(rows) == 6 and len(out["prompt"]) == 6  # a: report, 2 closed, open, yes/no; b: report
+    for i, r in enumerate(rows):
+        assert [out[k][i] for k in ("volume_id", "prompt", "answer", "task")] == [r[k] for k in
+                                                                                ("volume_id", "prompt", "answer", "task")]
+        assert (out["volume"][i] == r["volume"]).all() and out["volume"].dtype == np.uint8

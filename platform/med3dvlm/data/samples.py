@@ -61,6 +61,19 @@ def task_rows(row: dict, stage: int, qa_splits: tuple[str, ...], seed: int = 0, 
     return rows
 
 
+def expand_tasks(batch: dict, stage: int, qa_splits: tuple[str, ...], closed_orders: int = 1) -> dict:
+    """A batch of shard rows -> their stage-2/3 samples as columns (`task_rows` of each volume), each volume repeated
+    once per task by one take from the batch's stacked volumes, rather than a block built row by row (`flat_map`)."""
+    tasks, index = [], []
+    for i, vid in enumerate(batch["volume_id"]):
+        row = {"volume_id": vid, "report": batch["report"][i], "qa": batch["qa"][i], "volume": None}
+        t = task_rows(row, stage, qa_splits, closed_orders=closed_orders)
+        tasks += t
+        index += [i] * len(t)
+    cols = {k: np.asarray([t[k] for t in tasks], dtype=object) for k in ("volume_id", "prompt", "answer", "task")}
+    return {"volume": batch["volume"][np.asarray(index, np.int64)], **cols}
+
+
 def tokenize_reports(batch: dict, text_encoder: str, max_len: int) -> dict:
     """Stage 1: reports -> fixed-length input_ids / attention_mask (whole sentences kept)."""
     from med3dvlm.models.clip import text_tokenizer  # torch: only where reports are tokenised, not in every task

@@ -33,16 +33,16 @@ def count_validation(cfg, shards: str) -> int:
 
 def build_dataset(cfg, stage: int, shards: str, split: str = "train", training: bool = True):
     """A stage's samples from one split; training data is subset (`max_train_volumes`) and augmented, validation not."""
-    from med3dvlm.data.samples import task_rows, tokenize_reports, tokenize_tasks
+    from med3dvlm.data.samples import expand_tasks, tokenize_reports, tokenize_tasks
     from med3dvlm.train.augment import augment_params
 
     cols = ["volume_id", "volume", "report"] + (["qa"] if stage > 1 else [])
     ds = read_shards(shards, split=split, split_field=cfg.train.split_field, columns=cols)
     if training and cfg.train.max_train_volumes > 0:
         ds = ds.limit(cfg.train.max_train_volumes)
-    if stage > 1:
-        ds = ds.flat_map(task_rows, fn_kwargs={"stage": stage, "qa_splits": qa_splits(cfg, stage),
-                                               "closed_orders": cfg.train.closed_orders})
+    if stage > 1:  # one volume per call: its tasks' copies of it are one take (a flat_map of rows: 2.7x slower)
+        ds = ds.map_batches(expand_tasks, batch_size=1, fn_kwargs={
+            "stage": stage, "qa_splits": qa_splits(cfg, stage), "closed_orders": cfg.train.closed_orders})
     if training and cfg.train.augment:  # parameters only: the train worker applies them (train.augment)
         ds = ds.map_batches(augment_params, batch_size=32)
     if stage == 1:
