@@ -154,3 +154,38 @@ def test_nifti_and_dicom_of_one_scan_read_the_same(tmp_path):
     from_dicom, from_nifti = read_dicom_series(tmp_path / "s").array, read_nifti(tmp_path / "scan.nii.gz").array
     assert from_dicom.shape == from_nifti.shape
     assert np.allclose(from_dicom, from_nifti)
+
+
+def _png_bytes(arr, mode=None, **save):
+    buf = io.BytesIO()
+    (Image.fromarray(arr).convert(mode) if mode else Image.fromarray(arr)).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def test_fast_png_decoder_gives_pillows_pixels_and_pillows_errors():
+    """Plain 8-bit greyscale PNGs go to libspng (pyspng), everything else to Pillow: the pixels are Pillow's
+    `convert("L")`, exactly, for every kind; a corrupt file is still refused with the reason."""
+    from med3dvlm.io.readers import _plain_grey_png, decode_slice
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (37, 53), dtype=np.uint8)
+    smooth = np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1))  # compresses: filters and long runs
+    kinds = {"grey": (_png_bytes(grey), True), "smooth": (_png_bytes(smooth, optimize=True), True),
+             "rgb": (_png_bytes(np.stack([grey] * 3, -1)), False), "palette": (_png_bytes(grey, "P"), False),
+             "grey+alpha": (_png_bytes(grey, "LA"), False)}
+    for name, (blob, plain) in kinds.items():
+        assert _plain_grey_png(blob) is plain, name
+        with Image.open(io.BytesIO(blob)) as im:
+            want = np.asarray(im.convert("RGBA" if im.mode == "P" else im.mode).convert("L"))
+        got = decode_slice(blob, name)
+        assert got.dtype == np.uint8 and np.array_equal(got, want), name
+        if plain:  # libspng itself decodes it (no silent fallback)
+            assert np.array_equal(__import__("pyspng").load(blob), want), name
+    blob = _png_bytes(grey)
+    with pytest.raises(VolumeError, match="truncated.png: cannot decode image"):
+        decode_slice(blob[: len(blob) // 2], "truncated.png")
+    huge = bytearray(blob)
+    huge[16:24] = (1 << 20).to_bytes(4, "big") * 2  # a header claiming 2^40 pixels: left to Pillow's bomb check
+    assert not _plain_grey_png(bytes(huge))
+    with pytest.raises(VolumeError, match="huge.png"):
+        decode_slice(bytes(huge), "huge.png")

@@ -30,6 +30,7 @@ class Volume:
 
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NIFTI_EXTS = (".nii", ".nii.gz")
 
 
@@ -54,11 +55,33 @@ def slice_index(name: str, where) -> int:
     return int(stem)
 
 
-def decode_slice(blob: bytes, where) -> np.ndarray:
-    """One slice as greyscale: 8-bit images as uint8 (palette and colour converted as M3D does, to 'L'); 16-bit
-    greyscale kept as uint16 (never clipped to 8 bits: min-max normalisation comes later, as for NIfTI)."""
+def _plain_grey_png(blob: bytes) -> bool:
+    """An 8-bit greyscale, non-interlaced PNG (M3D's slices) of a size Pillow would open too (its decompression-bomb
+    limit): the IHDR chunk's width, height, bit depth 8, colour type 0 and interlace 0 (PNG specification, 11.2.2)."""
     from PIL import Image
 
+    if blob[:8] != PNG_MAGIC or blob[12:16] != b"IHDR" or len(blob) < 29:
+        return False
+    w, h = int.from_bytes(blob[16:20], "big"), int.from_bytes(blob[20:24], "big")
+    return blob[24] == 8 and blob[25] == 0 and blob[28] == 0 and w * h <= (Image.MAX_IMAGE_PIXELS or 0)
+
+
+def decode_slice(blob: bytes, where) -> np.ndarray:
+    """One slice as greyscale: 8-bit images as uint8 (palette and colour converted as M3D does, to 'L'); 16-bit
+    greyscale kept as uint16 (never clipped to 8 bits: min-max normalisation comes later, as for NIfTI). Plain 8-bit
+    greyscale PNGs are decoded by libspng (`pyspng`: the same pixels, about 1.4x Pillow's speed here); anything else,
+    or a file libspng refuses, by Pillow."""
+    from PIL import Image
+
+    if _plain_grey_png(blob):
+        import pyspng
+
+        try:
+            arr = pyspng.load(blob)
+            if arr.ndim == 2 and arr.dtype == np.uint8:
+                return arr
+        except Exception:  # noqa: BLE001 (Pillow decodes it again below and names the reason)
+            pass
     try:
         with Image.open(io.BytesIO(blob)) as im:
             if im.mode.startswith("I;16"):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from med3dvlm.io.readers import Volume, VolumeError, nifti_class, nifti_version, read_dicom_series, read_nifti, \
-    read_npy, slice_index, stack_slices
+from med3dvlm.io.readers import PNG_MAGIC, Volume, VolumeError, nifti_class, nifti_version, read_dicom_series, \
+    read_nifti, read_npy, slice_index, stack_slices
 
 MAX_DIM = 4096  # voxels along any axis of an upload
 MAX_VOXELS = 1 << 28  # 268 M voxels (1 GiB as float32): e.g. 1024 slices of 512x512
@@ -51,7 +51,7 @@ def sniff(data: bytes) -> str:
         return "nifti"
     if data[128:132] == b"DICM":
         return "dicom"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
+    if data[:8] == PNG_MAGIC:
         return "png"
     if data[:3] == b"\xff\xd8\xff":
         return "jpeg"
