@@ -277,8 +277,8 @@ def finish(cfg: Config, config: dict, engine, log: StepLog, rank: int) -> None:
 
 
 def _batches(cfg: Config, stage: int, epoch: int, rank: int):
-    """This worker's batches of one epoch; stage 2/3 rows of one volume arrive together (one flat_map), so a local
-    shuffle buffer, reseeded every epoch, mixes them."""
+    """This worker's batches of one epoch; stage 2/3 rows of one volume arrive together (one `expand_tasks` call),
+    so a local shuffle buffer, reseeded every epoch, mixes them."""
     import ray.train
 
     shuffle = {"local_shuffle_buffer_size": cfg.train.shuffle_buffer,
