@@ -95,11 +95,10 @@ def write_tree(raw: Path, n: int) -> None:
 
 def text_tower(out: Path) -> None:
     """A random DistilBERT-base (ClinicalBERT's architecture) with the packaged uncased WordPiece tokenizer."""
+    import torch
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
 
     from med3dvlm.models.clip import minilm_path
-
-    import torch
 
     torch.manual_seed(0)
     DistilBertModel(DistilBertConfig()).save_pretrained(out)
