@@ -113,15 +113,15 @@ def reference_data(a, vs, raw: Path, work: Path) -> tuple[Path, Path]:
     train = []
     for f in sorted((data_root / "M3D_Cap_npy" / "ct_case").glob("*/*.nii.gz")):
         (f.parent / "report.txt").write_text(REPORT)
-        train.append({"image": str(f.relative_to(data_root)), "text": str((f.parent / "report.txt").relative_to(data_root))})
+        train.append({"image": str(f.relative_to(data_root)),
+                      "text": str((f.parent / "report.txt").relative_to(data_root))})
     cap = data_root / "cap.json"
     cap.write_text(json.dumps({"train": train, "validation": train[:1]}))
     return data_root, cap
 
 
-def run_theirs(a, tmp: Path, data_root: Path, cap: Path, text: Path) -> list[float]:
-    vs = load_bench("vs_reference")
-    code = tmp / "ref-code"
+def reference_code(a, vs, code: Path) -> Path:
+    """The reference files the loop imports, extracted from the copy of the repository, with the timm stand-in."""
     (code / "timm").mkdir(parents=True)
     (code / "timm" / "__init__.py").write_text("")
     (code / "timm" / "layers.py").write_text(vs.TIMM_STANDIN)
@@ -129,6 +129,10 @@ def run_theirs(a, tmp: Path, data_root: Path, cap: Path, text: Path) -> list[flo
                 "src/model/encoder/vit.py", "src/model/projector/mlp.py"):
         (code / rel).parent.mkdir(parents=True, exist_ok=True)
         (code / rel).write_text(vs.read_from(a.med3dvlm, rel))
+    return code
+
+
+def run_theirs(a, code: Path, data_root: Path, cap: Path, text: Path) -> list[float]:
     d, h, w = a.shape
     args = {"threads": a.threads, "text": str(text), "data_root": str(data_root), "cap": str(cap), "batch": a.batch,
             "workers": a.threads, "steps": a.steps, "input_size": [h, w, d]}
@@ -177,8 +181,9 @@ def main():
         write_tree(tmp / "raw", a.series)
         text_tower(tmp / "text")
         data_root, cap = reference_data(a, vs, tmp / "raw", tmp / "ref")
-        for r in range(a.rounds):
-            runs["reference"].append(run_theirs(a, tmp, data_root, cap, tmp / "text"))
+        code = reference_code(a, vs, tmp / "ref-code")
+        for r in range(a.rounds):  # each round: both sides afresh (their loop, our whole command)
+            runs["reference"].append(run_theirs(a, code, data_root, cap, tmp / "text"))
             runs["ours"].append(run_ours(a, tmp / "raw", tmp / f"ours-{r}", tmp / "text"))
             print(f"round {r + 1}: " + ", ".join(f"{k} {a.batch / statistics.median(v[-1][a.warmup:]):.3f} samples/s"
                                                  for k, v in runs.items()), flush=True)
