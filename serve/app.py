@@ -20,6 +20,8 @@ DeploymentHandles. Arguments (`key=value` after the import path, or `args:` in Y
     replicas       a fixed number of Encoder and Generator replicas instead of autoscaling
     ingress_replicas  a fixed number of `Api` (HTTP ingress) replicas instead of autoscaling
     upscale_delay_s / downscale_delay_s   the autoscaled deployments' delays (5 / 60 s)
+    look_back_period_s / metrics_interval_s  how long a window Serve averages the ongoing requests over and how
+                   often replicas report them (Serve's own defaults: 30 / 10 s); shorter reacts sooner
 """
 
 import os
@@ -31,9 +33,10 @@ from .api import Api
 from .deployments import Encoder, Generator, Preprocessor, Retriever
 
 __all__ = ["build_app", "APP_ARGS", "Api", "Encoder", "Generator", "Preprocessor", "Retriever"]
+AUTOSCALE_ARGS = ("upscale_delay_s", "downscale_delay_s", "look_back_period_s", "metrics_interval_s")
 APP_ARGS = {"model", "clip", "index", "index_split", "index_split_field", "config", "token", "max_upload_mb",
             "cache_size", "uploads", "device", "dtype", "replica_cpus", "gpus_per_replica", "replicas",
-            "ingress_replicas", "upscale_delay_s", "downscale_delay_s"}
+            "ingress_replicas", *AUTOSCALE_ARGS}
 
 
 def data_settings(meta: dict, config: str | None) -> dict:
@@ -128,7 +131,7 @@ def place(deps: dict, args: dict, device: str, cluster: dict | None) -> dict:
     fixed = {**({k: fixed for k in on_gpu} if fixed else {}), **({"Api": args["ingress_replicas"]}
                                                                   if args.get("ingress_replicas") else {})}
     deps.update({k: deps[k].options(num_replicas=int(n), autoscaling_config=None) for k, n in fixed.items()})
-    delays = {k: float(args[k]) for k in ("upscale_delay_s", "downscale_delay_s") if args.get(k) is not None}
+    delays = {k: float(args[k]) for k in AUTOSCALE_ARGS if args.get(k) is not None}
     for k, d in deps.items():
         auto = d._deployment_config.autoscaling_config
         if delays and auto:

@@ -372,7 +372,8 @@ def test_generator_autoscales_to_two_replicas_under_load_and_back(served, chain)
     from serve.app import build_app
 
     serve.run(build_app({"model": chain[3]["export"], "replica_cpus": 0.1, "upscale_delay_s": 1,
-                         "downscale_delay_s": 3}), name="scale", route_prefix="/scale")
+                         "downscale_delay_s": 3, "look_back_period_s": 3, "metrics_interval_s": 1}),
+              name="scale", route_prefix="/scale")
     base = served + "/scale"
 
     def running() -> int:
