@@ -224,6 +224,24 @@ def test_uploads_resolve_through_any_store_on_the_root_and_expire_oldest_first(r
     assert b.put({"volume": vols[2].copy(), "info": {}, "name": "again"}) == ids[2]  # the same volume, the same id
 
 
+def test_an_upload_is_never_removed_by_its_own_pruning(tmp_path):
+    """A bucket's modification times have whole seconds: uploads of one second tie, and the one just written must
+    not be the one pruned. Here the older uploads' times are set ahead of it, the worst case of such a tie."""
+    import numpy as np
+
+    from med3dvlm.io.volume_store import VolumeStore
+
+    store = VolumeStore(str(tmp_path), max_stored=2)
+    vols = [np.full((4, 4, 4), i, np.uint8) for i in range(3)]
+    older = [store.put({"volume": v, "info": {}, "name": f"{i}.npy"}) for i, v in enumerate(vols[:2])]
+    ahead = time.time() + 3600
+    for vid in older:
+        os.utime(tmp_path / f"{vid}.npz", (ahead, ahead))
+    new = store.put({"volume": vols[2], "info": {}, "name": "2.npy"})
+    assert VolumeStore(str(tmp_path)).get(new)["name"] == "2.npy"
+    assert {p.name for p in tmp_path.glob("*.npz")} == {f"{new}.npz", f"{max(older)}.npz"}  # ties: by name
+
+
 def test_apps_that_preprocess_differently_keep_uploads_apart(tmp_path):
     """Two Serve apps on one upload root (the default folder on one machine): an app resolves and prunes only the
     uploads preprocessed its way, so an id from an app with another input shape is unknown to it."""

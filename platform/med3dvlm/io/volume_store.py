@@ -63,7 +63,7 @@ class VolumeStore:
         vid = volume_id(item["volume"])
         storage.write_bytes(self._path(vid), encode(item))
         self._remember(vid, item)
-        self._prune()
+        self._prune(keep=vid)
         return vid
 
     def get(self, vid: str) -> dict | None:
@@ -89,14 +89,17 @@ class VolumeStore:
         while len(self.recent) > self.memory:
             self.recent.popitem(last=False)
 
-    def _prune(self) -> None:
-        """Remove the oldest uploads beyond `max_stored` (another replica may be removing the same ones)."""
+    def _prune(self, keep: str) -> None:
+        """Remove the oldest uploads beyond `max_stored` (another replica may be removing the same ones), never `keep`,
+        the one just written: a bucket's modification times have whole seconds, so uploads of the same second tie
+        and the newest could otherwise sort first and be removed by its own upload."""
         import pyarrow.fs as pafs
 
         fs, path = storage.resolve(self.root)
         infos = [i for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
                  if i.type == pafs.FileType.File and ID.fullmatch(i.base_name.removesuffix(SUFFIX))]
-        for old in sorted(infos, key=lambda i: (i.mtime_ns or 0, i.base_name))[:max(0, len(infos) - self.max_stored)]:
+        infos = [i for i in infos if i.base_name != keep + SUFFIX]
+        for old in sorted(infos, key=lambda i: (i.mtime_ns or 0, i.base_name))[:max(0, len(infos) + 1 - self.max_stored)]:
             self.recent.pop(old.base_name.removesuffix(SUFFIX), None)
             try:
                 fs.delete_file(old.path)
