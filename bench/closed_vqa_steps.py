@@ -30,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 from med3dvlm.config import load_config  # noqa: E402
 from med3dvlm.data.samples import task_rows  # noqa: E402
 from med3dvlm.data.shards import read_table, volumes_from_table  # noqa: E402
+from med3dvlm.data.transform import to_float  # noqa: E402
+from med3dvlm.eval.predict import expand_samples  # noqa: E402
 from med3dvlm.eval.vqa import lenient_correct, named_correct  # noqa: E402
 from med3dvlm.models.clip import CLIPModel  # noqa: E402
-from med3dvlm.models.prompt import LETTERS, closed_prompt, encode_example  # noqa: E402
+from med3dvlm.models.prompt import LETTERS, encode_example  # noqa: E402
 from med3dvlm.models.vlm import VLM, build_llm  # noqa: E402
 from med3dvlm.train.datasets import qa_splits  # noqa: E402
 from med3dvlm.train.loop import cosine_with_warmup  # noqa: E402
@@ -76,22 +78,24 @@ class Encode:
 
 def features(vlm, table):
     """The frozen tower's two feature maps for every volume of a table."""
-    v = torch.from_numpy(volumes_from_table(table)).float().div(255).unsqueeze(1)
+    v = to_float(volumes_from_table(table)).unsqueeze(1)
     with torch.no_grad():
         f = [vlm.vision(v[i:i + 16]) for i in range(0, len(v), 16)]
     return torch.cat([x[-2] for x in f]), torch.cat([x[-1] for x in f])
 
 
-def closed_questions(table):
-    return [(i, q) for i, r in enumerate(table.to_pylist()) for q in r["qa"] or [] if not q["yes_no"]]
+def closed_questions(table) -> list[dict]:
+    """The closed questions as the evaluation scores them (`eval.predict.expand_samples`: a repeated row once)."""
+    return expand_samples(table.select(["volume_id", "report", "qa"]).to_pydict(), "vqa-closed", 0)
 
 
 def first_letter_accuracy(vlm, enc, feats, table, letters) -> float:
     """Share of closed questions whose most likely first answer token, among the letters, is the answer's."""
     vlm.eval()
     ok = []
-    for i, q in closed_questions(table):
-        ids, _ = enc.ids(closed_prompt(q)[0], None)
+    for q in closed_questions(table):
+        i = q["i"]
+        ids, _ = enc.ids(q["question"], None)
         with torch.no_grad():
             emb = vlm.embed(torch.tensor([ids]), vlm.projector(feats[0][i:i + 1], feats[1][i:i + 1]))
             logits = vlm.llm(inputs_embeds=emb).logits[0, -1, letters]
@@ -104,11 +108,11 @@ def generated(vlm, feats, table) -> dict:
     """Mean over question types of the lenient rule and the `named` diagnostic, by greedy generation."""
     vlm.eval()
     by_type: dict = {}
-    for i, q in closed_questions(table):
-        img = vlm.projector(feats[0][i:i + 1], feats[1][i:i + 1])
-        pred = vlm.generate_from_features(img, [closed_prompt(q)[0]], max_new_tokens=12)[0]
+    for q in closed_questions(table):
+        img = vlm.projector(feats[0][q["i"]:q["i"] + 1], feats[1][q["i"]:q["i"] + 1])
+        pred = vlm.generate_from_features(img, [q["question"]], max_new_tokens=12)[0]
         by_type.setdefault(q["question_type"], []).append(
-            (lenient_correct(pred, q["answer_choice"], ignore_case=True), named_correct(pred, q["answer"])))
+            (lenient_correct(pred, q["answer_choice"], ignore_case=True), named_correct(pred, q["reference"])))
     return {rule: 100 * float(np.mean([np.mean([x[j] for x in v]) for v in by_type.values()]))
             for j, rule in enumerate(("lenient", "named"))}
 
@@ -133,10 +137,7 @@ def train_stage(vlm, enc, stage, feats, table, epochs, args, report):
             idx = torch.tensor([x[0] for x in b])
             batch = enc.collate(vlm, [x[1] for x in b])
             emb = vlm.embed(batch["input_ids"], vlm.projector(feats[0][idx], feats[1][idx]))
-            hidden = vlm.llm.get_decoder()(inputs_embeds=emb, attention_mask=batch["attention_mask"]).last_hidden_state
-            target = batch["labels"][:, 1:]
-            keep = target != -100
-            loss = torch.nn.functional.cross_entropy(vlm.llm.get_output_embeddings()(hidden[:, :-1][keep]), target[keep])
+            loss = vlm.answer_loss(emb, batch["attention_mask"], batch["labels"]).loss
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.stage(stage).grad_clip)

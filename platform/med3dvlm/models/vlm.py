@@ -159,6 +159,10 @@ class VLM(nn.Module):
         emb = self.embed(input_ids, self.encode_images(volume))
         if labels is None:
             return self.llm(inputs_embeds=emb, attention_mask=attention_mask)
+        return self.answer_loss(emb, attention_mask, labels)
+
+    def answer_loss(self, emb: torch.Tensor, attention_mask, labels) -> CausalLMOutputWithPast:
+        """`forward`'s loss from spliced embeddings (`embed`): the LM head on the learned positions only."""
         base = self.llm.get_base_model() if self.lora else self.llm
         hidden = base.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
         target = labels[:, 1:]
