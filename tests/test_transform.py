@@ -75,4 +75,6 @@ def test_separable_resize_is_pytorch_trilinear(src, dst, dtype):
                            align_corners=False)[0, 0].numpy()
     ours = resize_trilinear(a, dst)
     assert ours.dtype == np.float32 and ours.shape == dst
-    assert np.abs(ours - theirs).max() <= 1e-3  # float rounding of values up to 255
+    # float32 rounding: a source coordinate up to 40 is exact to ~4e-6, times a step of up to 255 between
+    # neighbours, on each of three axes (1e-3 was exceeded by 1.07e-3 at a size hypothesis found, 2026-11-29)
+    assert np.abs(ours - theirs).max() <= 4e-3
