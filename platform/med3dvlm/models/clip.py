@@ -9,6 +9,7 @@ gradients on a global batch equal the world-size-1 values.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -36,7 +37,18 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     path = minilm_path() if name in ("minilm", "tiny-bert", "tiny-qwen2") else model_dir(name)
+    if _declared_tokenizer(path) in ("BertTokenizer", "BertTokenizerFast"):
+        # a WordPiece vocabulary beside a qwen2 config (`train.tiny_llm`): transformers 5 would build Qwen2's
+        # tokenizer for a qwen2 model whatever the tokenizer's own config declares
+        from transformers import BertTokenizer
+
+        return BertTokenizer.from_pretrained(path, local_files_only=True)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _declared_tokenizer(path: str) -> str | None:
+    f = Path(path) / "tokenizer_config.json"
+    return json.loads(f.read_text()).get("tokenizer_class") if f.is_file() else None
 
 
 @lru_cache(maxsize=4)

@@ -87,7 +87,11 @@ def vlm_tokenizer(llm: str):
     """The LLM's tokenizer plus `<im_patch>`; BERT-style vocabularies (tiny) get [SEP] as EOS. Cached per name."""
     from med3dvlm.models.clip import load_tokenizer
 
-    tok = load_tokenizer(llm)
+    return add_vlm_tokens(load_tokenizer(llm))
+
+
+def add_vlm_tokens(tok):
+    """`<im_patch>` added, and for a BERT-style vocabulary [SEP] as EOS and a pad token: in place; returns `tok`."""
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tok.eos_token is None:
