@@ -17,8 +17,10 @@ def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--out", default="out/demo", help="where the data, checkpoints and evaluations go")
     p.add_argument("--cases", type=int, default=100, help="synthetic patients")
+    p.add_argument("--llm-steps", type=int, default=3000, help="text pretraining steps of the tiny LLM before stage 2 "
+                   "(it stands in for a pretrained LLM's choice lookup); 0: a random LLM")
     args = p.parse_args(argv)
-    return run_demo(config_from_args(args), args.out, args.cases)
+    return run_demo(config_from_args(args), args.out, args.cases, llm_steps=args.llm_steps)
 
 
 if __name__ == "__main__":

@@ -73,9 +73,12 @@ def print_table(check: dict, rows: list[dict], seconds: float, log) -> None:
             f"{k} {100 * v:.0f}% ({100 * ctrl['per_type'][k]:.0f}%)" for k, v in named["per_type"].items()))
 
 
-def run_demo(cfg, out: str | Path = "out/demo", cases: int = 100, log=print) -> dict:
+def run_demo(cfg, out: str | Path = "out/demo", cases: int = 100, log=print, llm_steps: int = 3000) -> dict:
+    """`llm_steps`: the tiny LLM's text pretraining (`train.tiny_llm`) before stage 2; 0: a random LLM (as the
+    `tiny` config alone), and a `model.llm` path of the user's is used as given."""
     from med3dvlm.data.preprocess import preprocess, summary
     from med3dvlm.data.synthetic import write_m3d_tree
+    from med3dvlm.train.tiny_llm import pretrain_tiny_llm
     from med3dvlm.train.driver import train
 
     started, out = time.time(), Path(out)
@@ -84,6 +87,11 @@ def run_demo(cfg, out: str | Path = "out/demo", cases: int = 100, log=print) -> 
         f"{counts['planted_bad']} planted bad inputs ({time.time() - started:.0f} s)")
     init_ray()
     log("\n".join(summary(preprocess(cfg, out / "raw", out / "shards", log)).splitlines()[:4]))
+    if llm_steps and cfg.model.llm == "tiny-qwen2":
+        t = time.time()
+        cfg.model.llm = pretrain_tiny_llm(cfg, str(out / "shards"), out / "llm", llm_steps, log=log)
+        log(f"[demo] tiny LLM pretrained on the training volumes' closed questions: {cfg.model.llm} "
+            f"({time.time() - t:.0f} s)")
     exports, figures = {}, {}
     for stage in (1, 2, 3):
         r = train(cfg, stage, str(out / "shards"), str(out / "ckpt"), exports.get(stage - 1), log)
