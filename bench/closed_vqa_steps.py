@@ -11,6 +11,10 @@ volumes shuffled across cases (the control).
 `--small-vocab` rebuilds the LLM with only the tokens the demo's texts use (the 30,522 x 64 vocabulary matrices are
 98% of its parameters and most of a step's cost): does the skill form as soon with a step that costs less?
 
+Outcome (2026-11-29): the demo now pretrains its tiny LLM on text (`train.tiny_llm`, the vocabulary trimmed as
+`--small-vocab` does), and its closed VQA meets its target; this script still measures the random LLM of the `tiny`
+config, on a demo's shards and stage-1 export.
+
 Needs a finished `make demo` (its shards and stage-1 export):
     .venv/bin/python bench/closed_vqa_steps.py --stage3-epochs 15 [--small-vocab]
 """
