@@ -67,6 +67,8 @@ def lookup_examples(tasks: list[dict], tok, n_image: int, max_len: int) -> list[
         if t["task"] != "closed":
             continue
         cue = tok(t["answer"].split(". ", 1)[-1], add_special_tokens=False)["input_ids"]
+        if not cue:  # an empty answer text names no choice
+            continue
         ids, labels = encode_example(tok, n_image, max_len, t["prompt"], t["answer"])
         examples.append(([cue[i % len(cue)] for i in range(n_image)] + ids[n_image:], labels))
     if not examples:
