@@ -47,6 +47,7 @@ def test_retrieval_control_of_an_image_blind_model_equals_its_score():
     b = retrieval_baselines(blind, txt, reports, rank_of_target(s), rank_of_target(s.t()))
     r1 = float((rank_of_target(s) <= 1).float().mean())
     assert b["control"]["image_to_text_R@1"] == pytest.approx(r1)
+    assert b["distinct"]["image_to_text_R@1"] == pytest.approx(b["distinct"]["control_image_to_text_R@1"])
     assert b["chance_R@1"] == retrieval_chance(reports) == pytest.approx(1 / 6)
     seeing = txt.clone()  # a model whose image embedding is its report's: perfect, and its control is not
     s = seeing @ txt.t()
@@ -107,3 +108,25 @@ def test_synthetic_answers_are_balanced_across_letters_within_each_type(tmp_path
         cap = json.load(f)
     texts = {(tmp_path / e["text"].replace("M3D_Cap_npy", "M3D_Cap")).read_text() for e in cap["train"]}
     assert len(texts) > 20  # reports differ by what the image shows, so retrieval is meaningful
+
+
+def test_distinct_report_ranks_count_identical_reports_as_one_answer():
+    from med3dvlm.eval.retrieval import distinct_report_ranks, rank_of_target
+
+    ta, tb = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    txt = torch.stack([ta, ta, tb])  # reports a, a, b: a text tower embeds identical texts identically
+    img = txt.clone()  # every volume's embedding is its report's: a perfect model
+    assert distinct_report_ranks(img, txt, ["a", "a", "b"]).tolist() == [1, 1, 1]
+    assert rank_of_target(img @ txt.t()).tolist() == [1, 2, 1]  # M3D-Bench's diagonal rule: the identical text ranks ahead
+
+
+def test_a_blind_models_distinct_report_recall_is_the_chance_the_demo_prints():
+    from med3dvlm.eval.retrieval import distinct_report_ranks
+
+    g = torch.Generator().manual_seed(1)
+    reports = [f"report {i % 4}" for i in range(12)]
+    base = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1)
+    txt = base[[i % 4 for i in range(12)]]
+    hits = [float((distinct_report_ranks(torch.randn(12, 8, generator=g), txt, reports) <= 1).float().mean())
+            for _ in range(400)]
+    assert sum(hits) / len(hits) == pytest.approx(retrieval_chance(reports), abs=0.03)  # 1/4

@@ -112,6 +112,15 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _distinct(b: dict) -> list[str]:
+    if "distinct" not in b:  # results written before it existed
+        return []
+    d = b["distinct"]
+    return [f"Among the distinct reports (identical texts one answer; the table's M3D-Bench rule counts only the "
+            f"diagonal): image->text R@1 {_pct(d['image_to_text_R@1'])} "
+            f"({'-'.join(map(_pct, d['interval']))}), shuffled-image control {_pct(d['control_image_to_text_R@1'])}."]
+
+
 def _baseline_lines(task: str, b: dict | None) -> list[str]:
     """What a model blind to its image would score, beside the intervals of the figures (95%)."""
     if not b:
@@ -121,7 +130,7 @@ def _baseline_lines(task: str, b: dict | None) -> list[str]:
         return ["", f"Baselines on all {b['n']} pairs: chance R@1 {_pct(b['chance_R@1'])} (a pick among the "
                 f"{b['distinct_reports']} distinct reports); shuffled-image control image->text R@1 "
                 f"{_pct(c.get('image_to_text_R@1', 0))}, text->image {_pct(c.get('text_to_image_R@1', 0))}; Wilson "
-                f"interval of image->text R@1 {'-'.join(map(_pct, b['interval']['image_to_text_R@1']))}."]
+                f"interval of image->text R@1 {'-'.join(map(_pct, b['interval']['image_to_text_R@1']))}."] + _distinct(b)
     if task == "vqa-closed":
         m = b["majority"]
         return ["", f"Baselines: chance {_pct(b['chance'])}; per-type majority answer {_pct(m['mean'])} ("

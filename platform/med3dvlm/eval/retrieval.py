@@ -14,6 +14,20 @@ def rank_of_target(scores: torch.Tensor) -> torch.Tensor:
     return ahead.sum(dim=1) + 1
 
 
+def distinct_report_ranks(img: torch.Tensor, txt: torch.Tensor, reports: list[str]) -> torch.Tensor:
+    """1-based rank of each volume's own report among the distinct report texts (identical texts are one answer, and
+    a text tower embeds them identically). M3D-Bench's diagonal rule ranks an identical report at an earlier index
+    ahead of the target: where reports repeat (a small or synthetic set), a perfect model scores distinct/n there,
+    while chance, a pick among the distinct reports, is 1/distinct. Here a perfect model scores 1."""
+    first: dict[str, int] = {}
+    for i, r in enumerate(reports):
+        first.setdefault(r, i)
+    column = {r: j for j, r in enumerate(first)}
+    s = img @ txt[list(first.values())].t()
+    own = s.gather(1, torch.tensor([[column[r]] for r in reports], device=s.device))
+    return (s > own).sum(dim=1) + 1
+
+
 def recall_at_k(scores: torch.Tensor, k: int) -> float:
     """Rows are queries; the correct item of row i is column i (M3D-Bench: only the diagonal counts)."""
     return float((rank_of_target(scores) <= k).float().mean())
