@@ -61,10 +61,10 @@ def test_the_pretrained_llm_answers_the_letter_of_the_cued_choice_on_unseen_ques
 
 
 def test_its_directory_is_an_ordinary_llm_path_and_the_vlm_export_keeps_its_tokenizer(tiny_llm, tmp_path):
-    cfg, path = tiny_llm
+    _, path = tiny_llm
     from med3dvlm.models.vlm import VLM
 
-    cfg.model.llm = path
+    cfg = load_config("tiny", [f"model.llm={path}"])
     vlm = VLM.from_config(cfg.model, cfg.data.shape)
     assert vlm.llm.get_input_embeddings().weight.shape[0] == len(vlm.tokenizer) == len(load_tokenizer(path))
     vlm.save_pretrained(tmp_path / "export")

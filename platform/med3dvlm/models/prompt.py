@@ -101,6 +101,20 @@ def add_vlm_tokens(tok):
     return tok
 
 
+def pad_batch(examples: list[tuple[list[int], list[int]]], pad: int, left_pad: bool = False) -> dict:
+    """`encode_example` outputs as tensors: input_ids padded with `pad`, labels with -100, and the attention mask."""
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    ids_t = torch.full((len(examples), width), pad, dtype=torch.long)
+    lab_t = torch.full((len(examples), width), -100, dtype=torch.long)
+    att_t = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (ids, labels) in enumerate(examples):
+        sl = slice(width - len(ids), width) if left_pad else slice(0, len(ids))
+        ids_t[i, sl], lab_t[i, sl], att_t[i, sl] = torch.tensor(ids), torch.tensor(labels), 1
+    return {"input_ids": ids_t, "attention_mask": att_t, "labels": lab_t}
+
+
 def encode_example(tok, n_image: int, max_len: int, prompt: str, answer: str | None) -> tuple[list[int], list[int]]:
     """(input_ids, labels): placeholders + prompt (masked) + answer + EOS (learned); a cut answer gets no EOS."""
     head = [tok.convert_tokens_to_ids(IMAGE_TOKEN)] * n_image + tok(prompt, add_special_tokens=False)["input_ids"]

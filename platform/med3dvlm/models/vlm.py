@@ -23,7 +23,7 @@ from med3dvlm.models.dcformer import build_dcformer
 from med3dvlm.models.export import VLM as VLM_KIND
 from med3dvlm.models.export import copy_state, model_dir, read_meta, write_meta
 from med3dvlm.models.projector import DualStreamProjector, projector_config_for
-from med3dvlm.models.prompt import IMAGE_TOKEN, encode_example, vlm_tokenizer
+from med3dvlm.models.prompt import IMAGE_TOKEN, encode_example, pad_batch, vlm_tokenizer
 
 PARTS = ("vision", "llm")  # what `from_pretrained` can load: vision tower + projector, the LLM (+ LoRA), or both
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -177,15 +177,7 @@ class VLM(nn.Module):
         return encode_example(self.tokenizer, self.cfg.image_tokens, self.cfg.max_len, prompt, answer)
 
     def collate(self, examples: list[tuple[list[int], list[int]]], left_pad: bool = False) -> dict:
-        width = max(len(ids) for ids, _ in examples)
-        pad = self.tokenizer.pad_token_id
-        ids_t = torch.full((len(examples), width), pad, dtype=torch.long)
-        lab_t = torch.full((len(examples), width), -100, dtype=torch.long)
-        att_t = torch.zeros((len(examples), width), dtype=torch.long)
-        for i, (ids, labels) in enumerate(examples):
-            sl = slice(width - len(ids), width) if left_pad else slice(0, len(ids))
-            ids_t[i, sl], lab_t[i, sl], att_t[i, sl] = torch.tensor(ids), torch.tensor(labels), 1
-        return {"input_ids": ids_t, "attention_mask": att_t, "labels": lab_t}
+        return pad_batch(examples, self.tokenizer.pad_token_id, left_pad)
 
     @torch.no_grad()
     def generate(self, volume: torch.Tensor, prompts: list[str], max_new_tokens: int = 64, **kw) -> list[str]:

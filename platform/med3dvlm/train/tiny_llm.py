@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 from pathlib import Path
 
 import torch
 
-from med3dvlm.models.prompt import IMAGE_TOKEN, REPORT_PROMPTS, add_vlm_tokens, encode_example, question_prompt
+from med3dvlm.models.prompt import (IMAGE_TOKEN, REPORT_PROMPTS, add_vlm_tokens, encode_example, pad_batch,
+                                   question_prompt)
 
 PRETRAINING = "pretraining.json"  # written beside the weights: what the LLM was built from
 
@@ -76,27 +76,17 @@ def lookup_examples(tasks: list[dict], tok, n_image: int, max_len: int) -> list[
     return examples
 
 
-def _batch(examples, pad: int) -> dict:
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad)
-    labels = torch.full((len(examples), width), -100)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def pretrain(llm, examples, pad: int, steps: int, lr: float, batch_size: int, seed: int, log=print) -> float:
-    """AdamW with a cosine schedule after 3% warm-up, batches drawn at random; returns the last loss."""
+def pretrain(llm, examples, pad: int, steps: int, lr: float, batch_size: int, seed: int, log=print) -> float | None:
+    """AdamW with a cosine schedule after 3% warm-up, batches drawn at random; returns the last loss (None: 0 steps)."""
     from med3dvlm.train.loop import cosine_with_warmup
 
     rng = random.Random(seed)
     opt = torch.optim.AdamW(llm.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(steps, 0.03))
     llm.train()
-    loss = torch.tensor(math.nan)
+    loss = None
     for step in range(steps):
-        loss = llm(**_batch(rng.sample(examples, min(batch_size, len(examples))), pad)).loss
+        loss = llm(**pad_batch(rng.sample(examples, min(batch_size, len(examples))), pad)).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
@@ -104,7 +94,7 @@ def pretrain(llm, examples, pad: int, steps: int, lr: float, batch_size: int, se
         sched.step()
         if (step + 1) % max(1, steps // 5) == 0:
             log(f"[tiny-llm] step {step + 1}/{steps}: loss {loss.item():.4f}")
-    return float(loss.item())
+    return None if loss is None else float(loss.item())
 
 
 def pretrain_tiny_llm(cfg, shards: str, out: str | Path, steps: int = 3000, lr: float = 3e-3, batch_size: int = 16,
