@@ -110,6 +110,31 @@ def test_synthetic_answers_are_balanced_across_letters_within_each_type(tmp_path
     assert len(texts) > 20  # reports differ by what the image shows, so retrieval is meaningful
 
 
+def test_synthetic_phase_and_lesions_survive_the_min_max_normalisation():
+    """M3D's preprocessing divides by each volume's own range, which erased a phase shown by brightness alone when
+    the organ was the brightest structure; the spine anchors the range, so body, aorta and organ keep their levels,
+    and a small lesion in the smallest organ still covers a few hundred voxels of the 32x64x64 model input."""
+    import dataclasses
+
+    from med3dvlm.data.synthetic import ORGANS, render_volume, sample_case
+    from med3dvlm.data.transform import resize_trilinear
+
+    case = dataclasses.replace(sample_case(0, seed=0), organ="kidney", lesion=False)
+    aorta, body = [], []
+    for phase in ("non_contrast", "portal_venous", "arterial"):
+        v = render_volume(case, phase, (40, 48, 64), seed=0)
+        v = (v - v.min()) / (v.max() - v.min())  # M3D's min-max step
+        aorta.append(float(v[20, 30, 35]))  # the aorta's centre: y 0.62, x 0.55 of the box
+        body.append(float(np.median(v[v > 0])))
+    assert aorta[0] + 0.2 < aorta[1] and aorta[1] + 0.2 < aorta[2]
+    assert max(body) - min(body) < 0.02
+    for organ in ORGANS:
+        small = dataclasses.replace(case, organ=organ, lesion=True, size="small", density="hypodense")
+        diff = [resize_trilinear(render_volume(c, "portal_venous", (40, 48, 64), seed=0), (32, 64, 64))
+                for c in (small, dataclasses.replace(small, lesion=False))]
+        assert (np.abs(diff[0] - diff[1]) > 0.2).sum() > 150, organ
+
+
 def test_distinct_report_ranks_count_identical_reports_as_one_answer():
     from med3dvlm.eval.retrieval import distinct_report_ranks, rank_of_target
 

@@ -1,9 +1,11 @@
 """Synthetic data in the exact M3D layout, with content a model can learn.
 
-Each case is a body (an ellipsoid, longer superior-inferior, wider left-right) holding one organ (position, shape and
-brightness per organ) and, with probability 0.7, a lesion whose side (left/right), pole (upper/lower), size and
-brightness vary; the report names the organ and the lesion's density and side. Each case exports 1-2 series; a
-series has a plane (the stacking axis: axial, coronal, sagittal) and a contrast phase (organ brightness). The report
+Each case is a body (an ellipsoid, longer superior-inferior, wider left-right) with a spine and an aorta, holding one
+organ (position, shape and brightness per organ) and, with probability 0.7, a lesion whose side (left/right), pole
+(upper/lower), size and brightness vary; the report names the organ and the lesion's density and side. Each case
+exports 1-2 series; a series has a plane (the stacking axis: axial, coronal, sagittal) and a contrast phase (the
+aorta's enhancement and the organ's brightness; the spine, always the brightest, keeps them visible after the
+min-max normalisation, as bone does in CT). The report
 (`text.txt`, per case as in M3D) says only what the image shows (so every distinct report is one a model can tell
 from the volume), and all five VQA question types are derived from the same attributes. Choices come in M3D's
 random order, with the answer's letter balanced within each question type (in blocks of four), so no letter wins by
@@ -31,7 +33,8 @@ ORGANS = {  # name: (centre z, y, x as fractions of the body box, radii as fract
     "kidney": ((0.60, 0.65, 0.30), (0.18, 0.14, 0.12), 0.80),
     "pancreas": ((0.50, 0.45, 0.55), (0.10, 0.10, 0.24), 0.40),
 }
-PHASES = {"non_contrast": 0.88, "arterial": 1.12, "portal_venous": 1.0}
+PHASES = {"non_contrast": 0.88, "arterial": 1.12, "portal_venous": 1.0}  # organ brightness factor per phase
+AORTA = {"non_contrast": 0.26, "arterial": 0.92, "portal_venous": 0.58}  # the aorta's brightness per phase
 PHASE_NAMES = {"non_contrast": "Non-contrast", "arterial": "Arterial", "portal_venous": "Portal venous"}
 PLANES = ("Axial", "Coronal", "Sagittal")
 
@@ -88,11 +91,15 @@ def render_volume(case: Case, phase: str, shape: tuple[int, int, int], seed: int
     vol = np.zeros(shape, np.float32)
     body = ((z - 0.5) / 0.48) ** 2 + ((y - 0.5) / 0.36) ** 2 + ((x - 0.5) / 0.46) ** 2 <= 1
     vol[body] = 0.22
+    # the spine (always the brightest, as bone is in CT: it anchors the min-max normalisation, so brightness
+    # survives it) and the aorta in front of it, whose enhancement shows the contrast phase
+    vol[body & (((y - 0.76) / 0.06) ** 2 + ((x - 0.5) / 0.06) ** 2 <= 1)] = 1.0
+    vol[body & (((y - 0.62) / 0.05) ** 2 + ((x - 0.55) / 0.05) ** 2 <= 1)] = AORTA[phase]
     (cz, cy, cx), (rz, ry, rx), level = ORGANS[case.organ]
     organ = ((z - cz) / rz) ** 2 + ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
     vol[organ] = level * PHASES[phase]
     if case.lesion:
-        r = 0.4 if case.size == "small" else 0.7
+        r = 0.6 if case.size == "small" else 0.85
         lx = cx + (-0.45 if case.side == "right" else 0.45) * rx  # patient right is image left (low x)
         lz = cz + (-0.4 if case.pole == "upper" else 0.4) * rz  # superior is low z
         lesion = ((z - lz) / (r * rz)) ** 2 + ((y - cy) / (r * ry)) ** 2 + ((x - lx) / (r * rx * 0.9)) ** 2 <= 1
