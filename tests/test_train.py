@@ -122,3 +122,16 @@ def test_expand_tasks_gives_each_task_its_own_volume_as_task_rows_does():
         assert [out[k][i] for k in ("volume_id", "prompt", "answer", "task")] == [r[k] for k in
                                                                                 ("volume_id", "prompt", "answer", "task")]
         assert (out["volume"][i] == r["volume"]).all() and out["volume"].dtype == np.uint8
+
+
+def test_progress_lines_every_n_steps_no_sooner_than_the_gap_and_at_each_epoch_end(capsys, monkeypatch):
+    from med3dvlm.train import loop
+
+    clock = iter(range(0, 1000, 2))  # each step takes 2 s
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    p = loop.Progress(3, start=0, total=20, steps_per_epoch=10, every=1, gap=5)
+    for step in range(20):
+        p.step({"step": step, "epoch": step // 10, "loss": 1.0, "lr": 1e-3, "samples_per_s": 8.0, "data_wait_s": 0.0,
+                "compute_s": 1.0})
+    done = [int(line.split()[4].split("/")[0]) for line in capsys.readouterr().out.splitlines()]
+    assert done == [3, 6, 9, 10, 13, 16, 19, 20]  # 6 s apart (every step due, 5 s gap), and both epoch ends

@@ -94,6 +94,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0: at the end of every epoch
     keep_checkpoints: int = 2  # DeepSpeed checkpoints kept per run (the newest; resume needs one)
     log_every: int = 10  # rank 0 prints step/total, loss, lr, samples/s, data wait and ETA every N steps (0: off)
+    log_seconds: float = 10.0  # ... but no sooner than this after its last line (epoch ends always print; 0: no limit)
     fail_at_step: int = -1  # fault injection for tests: rank 0 raises once at this step
     max_failures: int = 2  # worker failures Ray Train recovers from (restart from the last checkpoint)
     split_field: str = "split"  # "split" (official M3D split, comparable numbers) or "case_split" (leak-free)

@@ -160,17 +160,21 @@ def resume(engine) -> int:
 
 
 class Progress:
-    """Rank 0's progress lines, as HF Trainer / torchtitan print them: every `every` steps and at each epoch's end."""
+    """Rank 0's progress lines, as HF Trainer / torchtitan print them: every `every` steps, but no sooner than
+    `gap` seconds after the last line (a fast stage stays readable), and at each epoch's end."""
 
-    def __init__(self, stage: int, start: int, total: int, steps_per_epoch: int, every: int):
+    def __init__(self, stage: int, start: int, total: int, steps_per_epoch: int, every: int, gap: float = 0.0):
         self.stage, self.start, self.total, self.per_epoch, self.every = stage, start, total, steps_per_epoch, every
-        self.t0 = time.perf_counter()
+        self.t0 = self.t_line = time.perf_counter()
+        self.gap = gap
 
     def step(self, m: dict) -> None:
-        done = m["step"] + 1
-        if not self.every or not (done % self.every == 0 or done % self.per_epoch == 0 or done == self.total):
+        done, now = m["step"] + 1, time.perf_counter()
+        due = bool(self.every) and done % self.every == 0 and now - self.t_line >= self.gap
+        if not self.every or not (due or done % self.per_epoch == 0 or done == self.total):
             return
-        elapsed = time.perf_counter() - self.t0
+        self.t_line = now
+        elapsed = now - self.t0
         eta = elapsed / max(done - self.start, 1) * (self.total - done)
         wait = m["data_wait_s"] / max(m["data_wait_s"] + m["compute_s"], 1e-9)
         print(f"[train] stage {self.stage} step {done}/{self.total} epoch {m['epoch'] + 1}: loss {m['loss']:.4f} "
@@ -259,7 +263,7 @@ def train_loop_per_worker(config: dict) -> None:
     _record_placement(config.get("export"), start, rank, world)
     log = StepLog(stage, cfg.stage(stage).batch_size, config.get("tensorboard") if rank == 0 else None,
                   Progress(stage, start, config["total_steps"], config["steps_per_epoch"],
-                           cfg.train.log_every if rank == 0 else 0))
+                           cfg.train.log_every if rank == 0 else 0, cfg.train.log_seconds))
     recent = RecentVolumes(cfg.train.precise_bn_batches)
     run_epochs(cfg, config, engine, scheduler, log, start, device, rank, recent)
     if start >= config["total_steps"]:  # restarted after the last checkpoint: run_epochs had no step left to finish
