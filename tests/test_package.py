@@ -32,7 +32,7 @@ def test_wheel_installs_into_a_fresh_venv_and_its_console_script_runs(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    assert "med3dvlm/serve/config.yaml" in names  # package data travels with the wheel
+    assert {"med3dvlm/serve/config.yaml", "med3dvlm/ray_data_logging.yaml"} <= set(names)  # package data travels
     assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"med3dvlm"}  # one top-level import package
     for top, inside in (("platform/med3dvlm", "med3dvlm"), ("pipelines", "med3dvlm/pipelines"),
                         ("serve", "med3dvlm/serve"), ("tuning", "med3dvlm/tuning")):

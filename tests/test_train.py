@@ -135,3 +135,26 @@ def test_progress_lines_every_n_steps_no_sooner_than_the_gap_and_at_each_epoch_e
                 "compute_s": 1.0})
     done = [int(line.split()[4].split("/")[0]) for line in capsys.readouterr().out.splitlines()]
     assert done == [3, 6, 9, 10, 13, 16, 19, 20]  # 6 s apart (every step due, 5 s gap), and both epoch ends
+
+
+def test_ray_data_in_workers_keeps_its_info_lines_off_the_terminal(ray_session):
+    """Every epoch of a streamed stage printed Ray Data's "execution finished" line and every stage its "Progress
+    bars disabled" notice (from the split coordinator, a worker): at the default log level a worker's Ray Data
+    console handler passes warnings only, and its log file still gets everything."""
+
+    @ray_session.remote
+    def run() -> tuple:
+        import contextlib
+        import io
+        import logging
+
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        buf = io.StringIO()
+        with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
+            ray.data.range(10).map_batches(lambda b: b).take_all()
+        return buf.getvalue(), sorted(type(h).__name__ for h in logging.getLogger("ray.data").handlers)
+
+    printed, handlers = ray_session.get(run.remote())
+    assert printed == "" and handlers == ["PlainRayHandler", "SessionFileHandler"]

@@ -60,11 +60,22 @@ def init_ray(num_cpus: int | None = None):
     else:
         cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
         ray.init(num_cpus=cpus, object_store_memory=2 << 30, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {k: os.environ[k] for k in DEFAULT_ENV}},
-                 log_to_driver=True, configure_logging=False)
+                 runtime_env={"env_vars": worker_env()}, log_to_driver=True, configure_logging=False)
     configure_data_context()
     quiet_ray_libraries()
     return ray
+
+
+def worker_env() -> dict:
+    """The environment of a local Ray's workers: the defaults, and at the default log level Ray Data's logging with
+    its terminal handler at warning (`ray_data_logging.yaml`: the "execution finished" line of every epoch and the
+    "Progress bars disabled" notice of every stage go to the session's ray-data.log only); a
+    RAY_DATA_LOGGING_CONFIG of the user's wins."""
+    env = {k: os.environ[k] for k in DEFAULT_ENV}
+    if log_level() not in ("DEBUG", "INFO"):
+        env["RAY_DATA_LOGGING_CONFIG"] = os.environ.get("RAY_DATA_LOGGING_CONFIG",
+                                                        str(Path(__file__).with_name("ray_data_logging.yaml")))
+    return env
 
 
 def data_settings() -> dict:
