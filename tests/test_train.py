@@ -157,4 +157,4 @@ def test_ray_data_in_workers_keeps_its_info_lines_off_the_terminal(ray_session):
         return buf.getvalue(), sorted(type(h).__name__ for h in logging.getLogger("ray.data").handlers)
 
     printed, handlers = ray_session.get(run.remote())
-    assert printed == "" and handlers == ["PlainRayHandler", "SessionFileHandler"]
+    assert printed == "" and {"PlainRayHandler", "SessionFileHandler"} <= set(handlers)  # (and one per dataset)
