@@ -121,7 +121,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shards", default="out/demo/shards")
     p.add_argument("--stage1", default="out/demo/ckpt/stage1", help="the demo's stage-1 export (its vision tower)")
-    p.add_argument("--stage3-epochs", type=float, default=None, help="default: the tiny preset's (6: 1,200 steps)")
+    p.add_argument("--stage3-epochs", type=float, default=None, help="default: the tiny preset's (10: 2,000 steps)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=16, help="the demo's two workers x 8")
     p.add_argument("--every", type=int, default=500)
