@@ -224,9 +224,10 @@ def retrieval_baselines(img, txt, reports: list[str], i2t, t2i) -> dict:
     from med3dvlm.eval.retrieval import distinct_report_ranks, retrieval_metrics
 
     n = len(reports)
-    control = retrieval_metrics(img[rotation(n)], txt, ks=(1, 5)) if n > 1 else {}
+    shuffled = img[rotation(n)] if n > 1 else None
+    control = retrieval_metrics(shuffled, txt, ks=(1, 5)) if n > 1 else {}
     hits = int((distinct_report_ranks(img, txt, reports) <= 1).sum())
-    hits_control = int((distinct_report_ranks(img[rotation(n)], txt, reports) <= 1).sum()) if n > 1 else 0
+    hits_control = int((distinct_report_ranks(shuffled, txt, reports) <= 1).sum()) if n > 1 else 0
     return {"n": n, "distinct_reports": len(set(reports)), "chance_R@1": retrieval_chance(reports),
             "control": {k: v for k, v in control.items() if k != "n"},
             "interval": {"image_to_text_R@1": wilson(int((i2t <= 1).sum()), n),

@@ -169,9 +169,11 @@ class Progress:
         self.gap = gap
 
     def step(self, m: dict) -> None:
+        if not self.every:
+            return
         done, now = m["step"] + 1, time.perf_counter()
-        due = bool(self.every) and done % self.every == 0 and now - self.t_line >= self.gap
-        if not self.every or not (due or done % self.per_epoch == 0 or done == self.total):
+        due = done % self.every == 0 and now - self.t_line >= self.gap
+        if not (due or done % self.per_epoch == 0 or done == self.total):
             return
         self.t_line = now
         elapsed = now - self.t0
