@@ -51,11 +51,13 @@ tok = AutoTokenizer.from_pretrained(a["text"])
 data = CLIPDataset(SimpleNamespace(data_root=a["data_root"], cap_data_path=a["cap"], max_length=512), tok, "train")
 model = DEC_CLIP(DEC_CLIPConfig(language_model_name_or_path=a["text"], input_size=tuple(a["input_size"]),
                                 hidden_size=768, loss_type="sigmoid", vision_encoder="dcformer")).train()
+dtype = torch.bfloat16 if a["bf16"] else torch.float32
+model = model.to(dtype)  # --bf16: its recipe's DeepSpeed bf16 (module and inputs in bf16; Trainer casts the images)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 
 def collate(batch):  # what its DataCollator does on one process
     cat = lambda k: torch.cat([b[k].unsqueeze(0) for b in batch])
-    return {"images": cat("image"), "input_ids": cat("input_id"), "attention_mask": cat("attention_mask"),
+    return {"images": cat("image").to(dtype), "input_ids": cat("input_id"), "attention_mask": cat("attention_mask"),
             "labels": torch.arange(len(batch))}
 
 loader = torch.utils.data.DataLoader(data, batch_size=a["batch"], shuffle=True, num_workers=a["workers"],
@@ -135,7 +137,7 @@ def reference_code(a, vs, code: Path) -> Path:
 def run_theirs(a, code: Path, data_root: Path, cap: Path, text: Path) -> list[float]:
     d, h, w = a.shape
     args = {"threads": a.threads, "text": str(text), "data_root": str(data_root), "cap": str(cap), "batch": a.batch,
-            "workers": a.threads, "steps": a.steps, "input_size": [h, w, d]}
+            "workers": a.threads, "steps": a.steps, "input_size": [h, w, d], "bf16": a.bf16}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code), a.ref_path]))}
     r = subprocess.run([sys.executable, "-c", THEIR_LOOP, json.dumps(args)], cwd=code, env=env, capture_output=True,
                        text=True, check=False)
@@ -150,7 +152,7 @@ def run_ours(a, raw: Path, work: Path, text: Path) -> list[float]:
                 ["pipelines.train", "--stage", "1", "--config", "paper", "--shards", str(shards), "--out", str(out),
                  "train.use_gpu=false", "train.num_workers=1", f"train.cpus_per_worker={a.threads}",
                  f"train.stage1.batch_size={a.batch}", f"train.stage1.max_steps={a.steps}", "train.eval_every=0",
-                 f"model.text_encoder={text}", f"data.shape={list(a.shape)}"]):
+                 f"model.text_encoder={text}", f"data.shape={list(a.shape)}", f"train.bf16_cpu={a.bf16}"]):
         r = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, capture_output=True, text=True, check=False)
         if r.returncode:
             sys.exit(f"error: {cmd[0]} failed:\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}")
@@ -170,6 +172,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--bf16", action="store_true", help="both sides in bf16: theirs as its recipe's `--bf16 True` "
+                    "(DeepSpeed bf16: module and images in bf16), ours with train.bf16_cpu=true (autocast)")
     a = ap.parse_args()
     from med3dvlm.runtime import apply_env_defaults
 
@@ -188,7 +192,8 @@ def main():
             print(f"round {r + 1}: " + ", ".join(f"{k} {a.batch / statistics.median(v[-1][a.warmup:]):.3f} samples/s"
                                                  for k, v in runs.items()), flush=True)
     rate = {k: a.batch / statistics.median([s for run in v for s in run[a.warmup:]]) for k, v in runs.items()}
-    print(f"\nstage 1 end to end, DCFormer-small + DistilBERT-base (random), {'x'.join(map(str, a.shape))}, batch "
+    print(f"\nstage 1 end to end, {'bf16' if a.bf16 else 'float32'}, DCFormer-small + DistilBERT-base (random), "
+          f"{'x'.join(map(str, a.shape))}, batch "
           f"{a.batch}, {a.threads} threads, median step after {a.warmup} warm-up steps, {a.rounds} round(s)")
     print("| | samples/s |\n|---|--:|")
     print(f"| Med3DVLM's train_clip path (CLIPDataset + DEC_CLIP, plain AdamW loop) | {rate['reference']:.3f} |")
@@ -196,7 +201,7 @@ def main():
     print(f"| ours / reference | {rate['ours'] / rate['reference']:.2f}x |")
     out = ROOT / "bench" / "results" / "vs_reference.json"
     result = json.loads(out.read_text()) if out.is_file() else {}
-    result["stage1_end_to_end"] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core CPU box",
+    result["stage1_end_to_end" + ("_bf16" if a.bf16 else "")] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core CPU box",
                                    "command": "python bench/vs_train_clip.py " + " ".join(sys.argv[1:]),
                                    "shape": list(a.shape), "batch": a.batch, "step_seconds": runs,
                                    "samples_per_s": rate, "ratio": rate["ours"] / rate["reference"]}

@@ -158,3 +158,14 @@ def test_ray_data_in_workers_keeps_its_info_lines_off_the_terminal(ray_session):
 
     printed, handlers = ray_session.get(run.remote())
     assert printed == "" and {"PlainRayHandler", "SessionFileHandler"} <= set(handlers)  # (and one per dataset)
+
+
+@pytest.mark.parametrize("bf16,bf16_cpu,expect", [(True, False, torch.float32), (True, True, torch.bfloat16),
+                                                   (False, True, torch.float32)])
+def test_cpu_training_runs_bf16_only_when_asked(bf16, bf16_cpu, expect):
+    from med3dvlm.train.loop import autocast
+
+    cfg = load_config("tiny", [f"train.bf16={bf16}", f"train.bf16_cpu={bf16_cpu}"])
+    conv = torch.nn.Conv3d(1, 2, 3)
+    with autocast(cfg, torch.device("cpu")):
+        assert conv(torch.rand(1, 1, 4, 4, 4)).dtype == expect

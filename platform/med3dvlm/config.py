@@ -89,7 +89,8 @@ class TrainConfig:
     placement_strategy: str = "PACK"  # Ray Train worker placement: PACK (fewest nodes) or SPREAD (one per node first)
     zero_stage: int = 2
     offload: bool = False
-    bf16: bool = True  # only on GPU; CPU always runs fp32
+    bf16: bool = True  # bf16 autocast (and DeepSpeed bf16) on GPU
+    bf16_cpu: bool = False  # bf16 autocast on CPU workers too (fast where the CPU has AMX / AVX-512 BF16)
     seed: int = 42
     checkpoint_every: int = 0  # steps; 0: at the end of every epoch
     keep_checkpoints: int = 2  # DeepSpeed checkpoints kept per run (the newest; resume needs one)

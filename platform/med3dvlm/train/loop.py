@@ -293,13 +293,20 @@ def _batches(cfg: Config, stage: int, epoch: int, rank: int):
         batch_size=cfg.stage(stage).batch_size, drop_last=True, **shuffle)
 
 
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast for the forward pass: on GPU with `train.bf16`, on CPU with `train.bf16_cpu` as well (the
+    weights, gradients and optimizer stay float32 there; DeepSpeed's own bf16 mode is GPU only)."""
+    on = cfg.train.bf16 and (device.type == "cuda" or cfg.train.bf16_cpu)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(on))
+
+
 def train_step(engine, cfg: Config, batch: dict, keys: list[str], device) -> torch.Tensor:
     from med3dvlm.train.augment import apply_augment
 
     use_gpu = cfg.train.use_gpu
     inputs = {k: batch[k].to(device) for k in keys}
     inputs["volume"] = apply_augment(inputs["volume"], batch.get("augment"))  # uint8 -> float on the device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(use_gpu and cfg.train.bf16)):
+    with autocast(cfg, device):
         loss = engine(**inputs).loss
     engine.backward(loss)
     engine.step()
