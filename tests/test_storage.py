@@ -109,6 +109,18 @@ def _names(loc) -> set:
     return {f.rsplit("/", 1)[1] for f in storage.list_files(loc)}
 
 
+def test_training_events_reach_a_bucket_at_every_checkpoint_not_only_at_the_end(bucket):
+    from med3dvlm.train.loop import StepLog
+
+    log = StepLog(1, 2, bucket + "/tb")
+    log.scalars({"loss": 1.0}, 0)
+    assert not storage.list_files(bucket + "/tb", prefix="events.")
+    log.sync()  # a checkpoint: a worker killed after it leaves these events in the bucket
+    assert storage.list_files(bucket + "/tb", prefix="events.")
+    log.close()
+    assert not os.path.exists(log.tb_dir)
+
+
 def test_pipelines_read_and_write_a_bucket(shards, synthetic_m3d, bucket, chain, tmp_path, monkeypatch):
     """Preprocess -> stage 2 (from a stage-1 export in the bucket: the session chain's) -> evaluation, with every
     output in a bucket and nothing on a shared disk. Stage 1 writes its export and checkpoints by the same calls as

@@ -234,11 +234,19 @@ class StepLog:
             for k in keys or [k for k in m if k not in ("step", "epoch")]:
                 self.writer.add_scalar(f"stage{self.stage}/{k}", m[k], step)
 
+    def sync(self) -> None:
+        """Flush the events; for a URI, upload them (at every checkpoint: a restarted run's TensorBoard keeps the
+        steps before the failure)."""
+        if self.writer:
+            self.writer.flush()
+            if self.tb_remote:
+                storage.copy_dir(self.tb_dir, self.tb)
+
     def close(self) -> None:
+        self.sync()
         if self.writer:
             self.writer.close()
         if self.tb_remote:
-            storage.copy_dir(self.tb_dir, self.tb)
             shutil.rmtree(self.tb_dir, ignore_errors=True)
 
 
@@ -357,6 +365,7 @@ def run_epochs(cfg: Config, config: dict, engine, scheduler, log: StepLog, start
             if step == total:
                 finish(cfg, config, engine, log, rank)
             if step % ckpt_every == 0 or step == total:
+                log.sync()
                 _save_and_report(engine, m, step - 1)
             elif validate and step % every == 0:
                 ray.train.report(dict(m))  # validation figures between checkpoints (Tune's schedulers read them)
