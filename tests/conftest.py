@@ -60,7 +60,7 @@ def ray_session():
 
     from med3dvlm.runtime import init_ray
 
-    init_ray(num_cpus=4)
+    init_ray(num_cpus=4, dashboard=False)  # a tenth of a core idle, and nothing here needs it
     yield ray
     ray.shutdown()
 
@@ -121,3 +121,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+    # The two-node test starts two Ray nodes of its own: it runs first, before the session's Ray exists (an idle
+    # local Ray takes about a sixth of this 2-core machine)
+    items.sort(key=lambda item: "cluster" not in getattr(item, "fixturenames", ()))
