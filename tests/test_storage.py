@@ -118,7 +118,8 @@ def test_training_events_reach_a_bucket_at_every_checkpoint_not_only_at_the_end(
     log.sync()  # a checkpoint: a worker killed after it leaves these events in the bucket
     assert storage.list_files(bucket + "/tb", prefix="events.")
     log.close()
-    assert not os.path.exists(log.tb_dir)
+    log.sync()  # the final checkpoint comes after the export closed the log
+    assert not os.path.exists(log.tb_dir) and storage.list_files(bucket + "/tb", prefix="events.")
 
 
 def test_pipelines_read_and_write_a_bucket(shards, synthetic_m3d, bucket, chain, tmp_path, monkeypatch):

@@ -246,6 +246,7 @@ class StepLog:
         self.sync()
         if self.writer:
             self.writer.close()
+            self.writer = None  # the last checkpoint comes after the export: nothing left to sync then
         if self.tb_remote:
             shutil.rmtree(self.tb_dir, ignore_errors=True)
 
