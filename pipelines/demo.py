@@ -1,7 +1,7 @@
 """The whole pipeline on a local Ray at the `tiny` config: synthetic M3D data -> preprocessing -> stages 1, 2, 3
 (2 workers, DeepSpeed ZeRO-2, CPU) -> a held-out check -> a summary table. `make demo` runs it.
 
-    python -m pipelines.demo [--out out/demo] [--cases 100] [--dashboard] [key=value ...]
+    python -m pipelines.demo [--out out/demo] [--cases 100] [key=value ...]
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ def main(argv=None):
     p.add_argument("--cases", type=int, default=100, help="synthetic patients")
     p.add_argument("--llm-steps", type=int, default=3000, help="text pretraining steps of the tiny LLM before stage 2 "
                    "(it stands in for a pretrained LLM's choice lookup); 0: a random LLM")
-    p.add_argument("--dashboard", action="store_true", help="keep Ray's dashboard on 127.0.0.1 (port 8265 unless taken); "
-                   "off, the demo saves the tenth of a core it takes")
     args = p.parse_args(argv)
-    return run_demo(config_from_args(args), args.out, args.cases, llm_steps=args.llm_steps, dashboard=args.dashboard)
+    return run_demo(config_from_args(args), args.out, args.cases, llm_steps=args.llm_steps)
 
 
 if __name__ == "__main__":

@@ -78,11 +78,9 @@ def print_table(check: dict, rows: list[dict], seconds: float, log) -> None:
             f"{k} {100 * v:.0f}% ({100 * ctrl['per_type'][k]:.0f}%)" for k, v in named["per_type"].items()))
 
 
-def run_demo(cfg, out: str | Path = "out/demo", cases: int = 100, log=print, llm_steps: int = 3000,
-             dashboard: bool = False) -> dict:
+def run_demo(cfg, out: str | Path = "out/demo", cases: int = 100, log=print, llm_steps: int = 3000) -> dict:
     """`llm_steps`: the tiny LLM's text pretraining (`train.tiny_llm`) before stage 2; 0: a random LLM (as the
-    `tiny` config alone), and a `model.llm` path of the user's is used as given. `dashboard`: keep Ray's dashboard
-    (off: idle, it takes a tenth of a core, and the demo has ten minutes on two)."""
+    `tiny` config alone), and a `model.llm` path of the user's is used as given."""
     from med3dvlm.data.preprocess import preprocess, summary
     from med3dvlm.data.synthetic import write_m3d_tree
     from med3dvlm.train.tiny_llm import pretrain_tiny_llm
@@ -92,7 +90,7 @@ def run_demo(cfg, out: str | Path = "out/demo", cases: int = 100, log=print, llm
     counts = write_m3d_tree(out / "raw", cases=cases, seed=0, bad=True)
     log(f"[demo] synthetic M3D tree: {counts['volumes']} volumes of {counts['cases']} cases, {counts['qa']} questions, "
         f"{counts['planted_bad']} planted bad inputs ({time.time() - started:.0f} s)")
-    init_ray(dashboard=dashboard)
+    init_ray()
     log("\n".join(summary(preprocess(cfg, out / "raw", out / "shards", log)).splitlines()[:4]))
     if llm_steps and cfg.model.llm == "tiny-qwen2":
         t = time.time()
