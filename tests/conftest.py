@@ -60,7 +60,7 @@ def ray_session():
 
     from med3dvlm.runtime import init_ray
 
-    init_ray(num_cpus=4, dashboard=False)  # a tenth of a core idle, and nothing here needs it
+    init_ray(num_cpus=4)
     yield ray
     ray.shutdown()
 

@@ -43,12 +43,13 @@ def apply_env_defaults() -> None:
     os.environ.setdefault("NLTK_DATA", str(Path(sys.prefix) / "nltk_data"))
 
 
-def init_ray(num_cpus: int | None = None, dashboard: bool = True):
+def init_ray(num_cpus: int | None = None):
     """Attach to RAY_ADDRESS (a cluster, or `ray job submit`), else start a local Ray.
 
     Locally Ray gets twice the cores as logical CPUs (at least 4): Ray Data and Train workers then never wait on each
-    other for a CPU, and the object store is capped at 2 GiB. Its dashboard (127.0.0.1) costs about a tenth of a core
-    while idle; `dashboard=False` leaves it out (the test session: nothing there needs it).
+    other for a CPU, and the object store is capped at 2 GiB. The dashboard (127.0.0.1) stays although it takes about
+    a tenth of a core idle: it serves Ray's State API, which Ray Train's placement-group cleaner polls (without it,
+    that actor logs a failed query every second).
     """
     import ray
 
@@ -60,7 +61,7 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True):
         ray.init(address=address, log_to_driver=True)
     else:
         cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
-        ray.init(num_cpus=cpus, object_store_memory=2 << 30, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+        ray.init(num_cpus=cpus, object_store_memory=2 << 30, include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": worker_env()}, log_to_driver=True, configure_logging=False)
     configure_data_context()
     quiet_ray_libraries()
