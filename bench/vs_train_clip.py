@@ -193,18 +193,19 @@ def main():
                                                  for k, v in runs.items()), flush=True)
     rate = {k: a.batch / statistics.median([s for run in v for s in run[a.warmup:]]) for k, v in runs.items()}
     print(f"\nstage 1 end to end, {'bf16' if a.bf16 else 'float32'}, DCFormer-small + DistilBERT-base (random), "
-          f"{'x'.join(map(str, a.shape))}, batch "
-          f"{a.batch}, {a.threads} threads, median step after {a.warmup} warm-up steps, {a.rounds} round(s)")
+          f"{'x'.join(map(str, a.shape))}, batch {a.batch}, {a.threads} threads, median step after {a.warmup} "
+          f"warm-up steps, {a.rounds} round(s)")
     print("| | samples/s |\n|---|--:|")
     print(f"| Med3DVLM's train_clip path (CLIPDataset + DEC_CLIP, plain AdamW loop) | {rate['reference']:.3f} |")
     print(f"| ours (pipelines.train --stage 1 --config paper, 1 CPU worker) | {rate['ours']:.3f} |")
     print(f"| ours / reference | {rate['ours'] / rate['reference']:.2f}x |")
     out = ROOT / "bench" / "results" / "vs_reference.json"
     result = json.loads(out.read_text()) if out.is_file() else {}
-    result["stage1_end_to_end" + ("_bf16" if a.bf16 else "")] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core CPU box",
-                                   "command": "python bench/vs_train_clip.py " + " ".join(sys.argv[1:]),
-                                   "shape": list(a.shape), "batch": a.batch, "step_seconds": runs,
-                                   "samples_per_s": rate, "ratio": rate["ours"] / rate["reference"]}
+    key = "stage1_end_to_end" + ("_bf16" if a.bf16 else "")
+    result[key] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core CPU box",
+                   "command": "python bench/vs_train_clip.py " + " ".join(sys.argv[1:]),
+                   "shape": list(a.shape), "batch": a.batch, "step_seconds": runs,
+                   "samples_per_s": rate, "ratio": rate["ours"] / rate["reference"]}
     out.write_text(json.dumps(result, indent=1))
     print(f"-> {out}")
 

@@ -122,5 +122,5 @@ def pytest_collection_modifyitems(config, items):
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
     # The two-node test starts two Ray nodes of its own: it runs first, before the session's Ray exists (an idle
-    # local Ray takes about a sixth of this 2-core machine)
+    # local Ray took a tenth to a sixth of this 2-core machine)
     items.sort(key=lambda item: "cluster" not in getattr(item, "fixturenames", ()))
