@@ -117,9 +117,15 @@ def test_training_events_reach_a_bucket_at_every_checkpoint_not_only_at_the_end(
     assert not storage.list_files(bucket + "/tb", prefix="events.")
     log.sync()  # a checkpoint: a worker killed after it leaves these events in the bucket
     assert storage.list_files(bucket + "/tb", prefix="events.")
+    first, staged = storage.list_files(bucket + "/tb", prefix="events."), log.tb_dir
+    # the worker is killed here (its log never closed); a restarted one on this node replaces its staging folder
+    log = StepLog(1, 2, bucket + "/tb")
+    assert log.tb_dir == staged and not {storage.join(bucket + "/tb", f) for f in os.listdir(staged)} & set(first)
+    log.scalars({"loss": 0.5}, 1)
     log.close()
     log.sync()  # the final checkpoint comes after the export closed the log
-    assert not os.path.exists(log.tb_dir) and storage.list_files(bucket + "/tb", prefix="events.")
+    assert not os.path.exists(log.tb_dir)
+    assert set(first) < set(storage.list_files(bucket + "/tb", prefix="events."))  # both attempts' events kept
 
 
 def test_pipelines_read_and_write_a_bucket(shards, synthetic_m3d, bucket, chain, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ a restarted worker resumes from the last one. At the end rank 0 exports a `from_
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -194,15 +195,24 @@ def _clock(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _staging_dir(uri: str) -> str:
+    """The node-local folder where TensorBoard writes before an upload to `uri`, named by it: a worker restarted on
+    this node replaces the folder a killed one left (its events up to the last checkpoint are in the bucket)."""
+    d = os.path.join(tempfile.gettempdir(), f"med3dvlm-tb-{hashlib.sha256(uri.encode()).hexdigest()[:16]}")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    return d
+
+
 class StepLog:
     """Per-step metrics (loss averaged over ranks, lr, samples/s, data wait vs compute, stage 1's t and b) kept in
-    `history` and written to TensorBoard by rank 0 (to a local folder, uploaded at the end, for a URI)."""
+    `history` and written to TensorBoard by rank 0 (for a URI: to a node-local folder, uploaded at every checkpoint)."""
 
     def __init__(self, stage: int, batch_size: int, tb: str | None, progress: Progress | None = None):
         self.stage, self.batch_size, self.history, self.progress = stage, batch_size, [], progress
         self.tb = tb
         self.tb_remote = bool(tb) and not storage.is_local(tb)
-        self.tb_dir = tempfile.mkdtemp(prefix="med3dvlm-tb-") if self.tb_remote else tb and storage.resolve(tb)[1]
+        self.tb_dir = _staging_dir(tb) if self.tb_remote else tb and storage.resolve(tb)[1]
         self.writer = _tb_writer(self.tb_dir)
         self.t_last = time.perf_counter()
 
