@@ -79,6 +79,15 @@ def test_a_zero3_run_that_loses_a_worker_resumes_and_exports_the_trained_weights
     assert all(v.numel() > 0 for v in m.state_dict().values())  # gathered, not ZeRO-3 placeholders
 
 
+def test_a_local_ray_starts_no_preemption_watcher(chain):
+    """Ray Train's preemption watcher polls for nodes being drained (autoscaled or spot clusters): a local Ray has
+    none to drain, and Ray logs an error-level line for each watcher it starts (ray-project/ray#53727)."""
+    from ray.util.state import list_actors
+
+    names = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    assert "RayTrainWorker" in names and "PreemptionWatcher" not in names
+
+
 def test_bad_input_fails_before_any_worker_starts(shards, tmp_path, chain):
     cfg = cfg_for()
     s = str(shards[0])

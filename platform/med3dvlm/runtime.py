@@ -68,12 +68,19 @@ def init_ray(num_cpus: int | None = None):
     return ray
 
 
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def worker_env() -> dict:
     """The environment of a local Ray's workers: the defaults, and at the default log level Ray Data's logging with
     its terminal handler at warning (`ray_data_logging.yaml`: the "execution finished" line of every epoch and the
     "Progress bars disabled" notice of every stage go to the session's ray-data.log only); a
     RAY_DATA_LOGGING_CONFIG of the user's wins."""
     env = {k: os.environ[k] for k in DEFAULT_ENV}
+    # Ray Train's preemption watcher (an actor per run that polls for nodes being drained, on autoscaled or spot
+    # clusters) has nothing to watch on a local Ray, and Ray logs an error-level line for each one it starts
+    # (ray-project/ray#53727); a cluster (RAY_ADDRESS) keeps it
+    env[PREEMPTION_WATCHER] = os.environ.get(PREEMPTION_WATCHER, "0")
     if log_level() not in ("DEBUG", "INFO"):
         env["RAY_DATA_LOGGING_CONFIG"] = os.environ.get("RAY_DATA_LOGGING_CONFIG",
                                                         str(Path(__file__).with_name("ray_data_logging.yaml")))
