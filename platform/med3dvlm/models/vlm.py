@@ -86,13 +86,17 @@ class VLM(nn.Module):
 
     # ------------------------------------------------------------ training presets
     def add_lora(self) -> None:
+        import warnings
+
         from peft import LoraConfig, get_peft_model
 
         if self.lora:
             return
-        self.llm = get_peft_model(self.llm, LoraConfig(
-            r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout, bias="none",
-            target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+        with warnings.catch_warnings():  # peft 0.21 reads the attribute transformers 5 renamed: peft's to change
+            warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
+            self.llm = get_peft_model(self.llm, LoraConfig(
+                r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout, bias="none",
+                target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
         self.lora = True
 
     def set_stage(self, stage: int) -> None:
