@@ -275,6 +275,34 @@ def test_answer_only_loss_equals_the_full_lm_loss(vlm, tiny):
     assert torch.allclose(ours, full, atol=1e-5)
 
 
+def test_trimmed_padding_leaves_the_losses_and_text_embeddings_unchanged(vlm, tiny):
+    """The training step cuts the feed's max_len padding after the batch's longest row: same outputs, less compute."""
+    import numpy as np
+
+    from med3dvlm.data.samples import tokenize_reports, tokenize_tasks
+    from med3dvlm.models.prompt import trim_padding
+
+    rows = {"prompt": np.array([" Which organ?", " Describe."], dtype=object),
+            "answer": np.array([" Liver", " A small lesion in the liver."], dtype=object), "volume": np.zeros(2)}
+    full = {k: torch.as_tensor(v) for k, v in tokenize_tasks(rows, tiny.model.llm, tiny.model.image_tokens,
+                                                              tiny.model.max_len).items()}
+    cut = trim_padding(full)
+    width, longest = cut["input_ids"].shape[1], int(full["attention_mask"].sum(1).max())
+    assert width % 8 == 0 and width - 8 < longest <= width < tiny.model.max_len
+    assert cut["labels"].shape == cut["attention_mask"].shape == cut["input_ids"].shape
+    assert cut["volume"] is full["volume"]
+    x = torch.rand(2, 1, *tiny.data.shape)
+    batch = {k: full[k] for k in ("input_ids", "attention_mask", "labels")}
+    assert torch.allclose(vlm(x, **batch).loss, vlm(x, **trim_padding(batch)).loss, atol=1e-6)
+
+    clip = CLIPModel.from_config(tiny.model).eval()
+    reports = {"report": np.array(["a small liver lesion", "the kidneys are normal in size"], dtype=object)}
+    tk = {k: torch.as_tensor(v) for k, v in tokenize_reports(reports, tiny.model.text_encoder, 64).items()}
+    short = trim_padding(tk)
+    assert short["input_ids"].shape[1] < 64
+    assert torch.allclose(clip.encode_text(**tk), clip.encode_text(**short), atol=1e-5)
+
+
 def test_clip_save_load_round_trip(tiny, tmp_path):
     from dataclasses import replace
 

@@ -115,6 +115,23 @@ def pad_batch(examples: list[tuple[list[int], list[int]]], pad: int, left_pad: b
     return {"input_ids": ids_t, "attention_mask": att_t, "labels": lab_t}
 
 
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def trim_padding(batch: dict, multiple: int = 8) -> dict:
+    """A right-padded batch cut after its longest sequence (rounded up to `multiple`, as HF's `pad_to_multiple_of`):
+    the rows are padded to the fixed `max_len` in the data feed, and every position past the last real token only
+    costs compute (it is masked out of attention and has label -100). Other keys pass through unchanged."""
+    att = batch["attention_mask"]
+    width = att.shape[1]
+    used = att.any(0).nonzero()
+    last = int(used[-1]) + 1 if len(used) else 1
+    keep = min(width, -(-last // multiple) * multiple)
+    if keep == width:
+        return batch
+    return {k: v[:, :keep] if k in SEQUENCE_KEYS else v for k, v in batch.items()}
+
+
 def encode_example(tok, n_image: int, max_len: int, prompt: str, answer: str | None) -> tuple[list[int], list[int]]:
     """(input_ids, labels): placeholders + prompt (masked) + answer + EOS (learned); a cut answer gets no EOS."""
     head = [tok.convert_tokens_to_ids(IMAGE_TOKEN)] * n_image + tok(prompt, add_special_tokens=False)["input_ids"]

@@ -22,6 +22,7 @@ import torch
 
 from med3dvlm import storage
 from med3dvlm.config import Config, config_from_dict
+from med3dvlm.models.prompt import trim_padding
 from med3dvlm.runtime import ray_data_log_level
 from med3dvlm.train.precise_bn import RecentVolumes
 
@@ -323,7 +324,7 @@ def train_step(engine, cfg: Config, batch: dict, keys: list[str], device) -> tor
     from med3dvlm.train.augment import apply_augment
 
     use_gpu = cfg.train.use_gpu
-    inputs = {k: batch[k].to(device) for k in keys}
+    inputs = {k: v.to(device) for k, v in trim_padding({k: batch[k] for k in keys}).items()}
     inputs["volume"] = apply_augment(inputs["volume"], batch.get("augment"))  # uint8 -> float on the device
     with autocast(cfg, device):
         loss = engine(**inputs).loss
@@ -440,7 +441,8 @@ def validate_stage1(model, device) -> dict:
     imgs, txts = [], []
     for b in _validation_batches():
         imgs.append(model.encode_image(apply_augment(b["volume"].to(device), None)).float())
-        txts.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)).float())
+        t = trim_padding({k: b[k] for k in ("input_ids", "attention_mask")})
+        txts.append(model.encode_text(t["input_ids"].to(device), t["attention_mask"].to(device)).float())
     model.train(was)
     img, txt = torch.cat(imgs), torch.cat(txts)
     r = retrieval_metrics(img.cpu(), txt.cpu(), ks=(1, 5))
