@@ -52,6 +52,20 @@ class DecompConv3d(nn.Module):
         return self.act(sum(b(x) for b in self.branches))
 
 
+class _ToChannelsLast(torch.autograd.Function):
+    """x -> channels-last 3-D, with its gradient returned plain, in the layout of the plain layer before it: given a
+    plain input and a channels-last gradient, torch's CPU BatchNorm backward takes a generic path (46 against 2.7 ms
+    a call for the stem at 32x256x256; 2026-11-30, torch 2.13, this project's CPU box)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 class Stem(nn.Sequential):
     def __init__(self, cout: int, act: bool):
         super().__init__(
@@ -60,7 +74,7 @@ class Stem(nn.Sequential):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self[0](x).contiguous(memory_format=torch.channels_last_3d)  # see DCFormer.forward
+        x = _ToChannelsLast.apply(self[0](x))  # see DCFormer.forward
         for layer in list(self)[1:]:
             x = layer(x)
         return x
@@ -125,12 +139,13 @@ class DCFormer(nn.Module):
         return grids
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        # Channels-last after the first layer: oneDNN's and cuDNN's fast 3-D convolutions want NDHWC (with the
-        # weights channels-last too, set in __init__: 1.45-1.52x the reference's fwd+bwd on this project's CPU box,
-        # bench/results/vs_reference.json; 1.42x on an H100, gpu.md), and the tokens come out as views. DeepSpeed
-        # needs the weights plain (train/loop.py); the activations stay channels-last. The first layer (one input
-        # channel) stays plain: torch 2.13's oneDNN corrupts the heap for a channels-last 1->C strided Conv3d at
-        # batch > 1.
+        # Channels-last after the first layer: oneDNN's and cuDNN's fast 3-D convolutions want NDHWC (weights
+        # channels-last too, set in __init__; DeepSpeed needs them plain, train/loop.py). The stem's activations are
+        # channels-last; a 1x1x1 or depthwise weight is both layouts at once, so from the first downsampling on torch
+        # picks the plain one (forcing channels-last there measured no faster). Fwd+bwd: 1.25x the reference's on
+        # this project's CPU box (2026-11-30, bench/results/vs_reference.json), 1.42x on an H100 (gpu.md). The first
+        # layer (one input channel) stays plain: torch 2.13's oneDNN corrupts the heap for a channels-last 1->C
+        # strided Conv3d at batch > 1.
         x = self.stem(x)
         feats = [x]
         for stage in self.stages:
