@@ -1,6 +1,7 @@
 """The three training stages on Ray Train + DeepSpeed ZeRO (2 CPU workers, gloo), resume, export, bad input."""
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -87,6 +88,54 @@ def test_a_local_ray_starts_no_preemption_watcher(chain):
 
     names = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
     assert "RayTrainWorker" in names and "PreemptionWatcher" not in names
+
+
+CHURN = """
+import ctypes, resource, threading
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def churn():  # a training step's pattern (torch's CPU tensors come from malloc): large blocks written and freed
+    for _ in range(20):
+        p = libc.malloc(128 << 20)
+        ctypes.memset(p, 1, 128 << 20)
+        libc.free(p)
+
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+t = threading.Thread(target=churn)  # Ray Train runs the loop in a thread of the worker process
+t.start()
+t.join()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_train_workers_run_with_an_allocator_that_keeps_freed_memory(chain):
+    """Ray Train's workers get `runtime.train_worker_env` (their runtime env holds it), and in a process with those
+    variables glibc reuses a freed 128 MB block instead of unmapping it and faulting the next one in page by page."""
+    import subprocess
+    import sys
+
+    from ray.util.state import list_actors
+
+    from med3dvlm.runtime import TRAIN_WORKER_MALLOC
+
+    workers = [a for a in list_actors(detail=True, limit=10_000, raise_on_missing_output=False)
+               if a.class_name == "RayTrainWorker"]
+    assert workers
+    for w in workers:
+        env = json.loads(w.serialized_runtime_env or "{}").get("env_vars", {})
+        assert {k: env.get(k) for k in TRAIN_WORKER_MALLOC} == TRAIN_WORKER_MALLOC
+
+    def faults(extra: dict) -> int:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        out = subprocess.run([sys.executable, "-c", CHURN], env={**base, **extra}, capture_output=True, text=True,
+                             check=True)
+        return int(out.stdout)
+
+    kept, default = faults(TRAIN_WORKER_MALLOC), faults({})
+    assert default > 20 * 30_000 and kept < default / 5  # 32,768 pages a block: 20 blocks by default, ~1 kept
 
 
 def test_bad_input_fails_before_any_worker_starts(shards, tmp_path, chain):
