@@ -289,7 +289,7 @@ def main():
         ap.error("give --med3dvlm and/or --m3d (local copies of the reference repositories)")
     out = ROOT / "bench" / "results" / "vs_reference.json"
     result = json.loads(out.read_text()) if out.is_file() else {}  # rows not re-run this time are kept
-    result = {k: v for k, v in result.items() if k in ("encoder", "stage1_end_to_end") or k.startswith("preprocess_")}
+    result = {k: v for k, v in result.items() if k == "encoder" or k.startswith(("preprocess_", "stage1_end_to_end"))}
     common = {"date": time.strftime("%Y-%m-%d"), "machine": f"this project's {os.cpu_count()}-core CPU box"}
     if a.med3dvlm and not a.skip_encoder:
         result["encoder"] = {**common, "command": "python bench/vs_reference.py --med3dvlm MIRROR", **encoder_rows(a)}

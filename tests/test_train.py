@@ -111,22 +111,26 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def test_train_workers_run_with_an_allocator_that_keeps_freed_memory(chain):
-    """Ray Train's workers get `runtime.train_worker_env` (their runtime env holds it), and in a process with those
-    variables glibc reuses a freed 128 MB block instead of unmapping it and faulting the next one in page by page."""
+def test_train_workers_and_preprocessing_run_with_an_allocator_that_keeps_freed_memory(chain):
+    """Ray Train's workers and the preprocessing tasks get `runtime.allocator_env` (their runtime envs hold it), and
+    in a process with those variables glibc reuses a freed 128 MB block instead of faulting the next one in page by
+    page."""
     import subprocess
     import sys
 
-    from ray.util.state import list_actors
+    from ray.util.state import list_actors, list_tasks
 
-    from med3dvlm.runtime import TRAIN_WORKER_MALLOC
+    from med3dvlm.runtime import KEEP_FREED_MEMORY
 
-    workers = [a for a in list_actors(detail=True, limit=10_000, raise_on_missing_output=False)
+    workers = [a.serialized_runtime_env for a in list_actors(detail=True, limit=10_000, raise_on_missing_output=False)
                if a.class_name == "RayTrainWorker"]
-    assert workers
-    for w in workers:
-        env = json.loads(w.serialized_runtime_env or "{}").get("env_vars", {})
-        assert {k: env.get(k) for k in TRAIN_WORKER_MALLOC} == TRAIN_WORKER_MALLOC
+    shard_tasks = [t.runtime_env_info["serialized_runtime_env"] for t in list_tasks(
+        filters=[("func_or_class_name", "=", "process_shard")], detail=True, limit=10_000,
+        raise_on_missing_output=False)]
+    assert workers and shard_tasks
+    for serialized in workers + shard_tasks:
+        env = json.loads(serialized or "{}").get("env_vars", {})
+        assert {k: env.get(k) for k in KEEP_FREED_MEMORY} == KEEP_FREED_MEMORY
 
     def faults(extra: dict) -> int:
         base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
@@ -134,7 +138,7 @@ def test_train_workers_run_with_an_allocator_that_keeps_freed_memory(chain):
                              check=True)
         return int(out.stdout)
 
-    kept, default = faults(TRAIN_WORKER_MALLOC), faults({})
+    kept, default = faults(KEEP_FREED_MEMORY), faults({})
     assert default > 20 * 30_000 and kept < default / 5  # 32,768 pages a block: 20 blocks by default, ~1 kept
 
 

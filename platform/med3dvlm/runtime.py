@@ -87,18 +87,18 @@ def worker_env() -> dict:
     return env
 
 
-# glibc's malloc in a training worker: one arena, large blocks from the heap rather than mmap, no trimming. By default
-# a step's freed activations are unmapped and the next step faults them in again page by page: at the paper's shape
-# on this project's CPU box that was 1.1 million page faults and 1.9 s of kernel time per 3.6 s DCFormer-small step
-# (batch 2, 128x256x256, in a thread as Ray Train runs it), 2.5 s with these settings, at 1 GB more resident memory
-# (2026-11-30). Other allocators and platforms ignore the variables.
-TRAIN_WORKER_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+# glibc's malloc in the processes that do the heavy work (Ray Train's workers, preprocessing tasks): one arena, large
+# blocks from the heap rather than mmap, no trimming. By default each freed large block is unmapped and the next one
+# faulted in again page by page: a DCFormer-small step with its AdamW update at the paper's shape (batch 2,
+# 128x256x256, in a thread as Ray Train runs it) took 3.52 s with 1.18 million page faults, 2.52 s with these
+# settings, at 1 GB more peak memory (2026-11-30, bench/allocator.py). Other allocators and platforms ignore them.
+KEEP_FREED_MEMORY = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
-def train_worker_env() -> dict:
-    """Environment variables of Ray Train's worker processes (`RunConfig.worker_runtime_env`, on top of the job's):
-    the allocator settings above; a value set in the driver's environment wins."""
-    return {k: os.environ.get(k, v) for k, v in TRAIN_WORKER_MALLOC.items()}
+def allocator_env() -> dict:
+    """`KEEP_FREED_MEMORY` as environment variables for a task's or an actor's runtime env (on top of the job's);
+    a value set in the driver's environment wins."""
+    return {k: os.environ.get(k, v) for k, v in KEEP_FREED_MEMORY.items()}
 
 
 def data_settings() -> dict:

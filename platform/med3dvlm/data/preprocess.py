@@ -17,7 +17,7 @@ from collections import Counter, deque
 from med3dvlm import storage
 from med3dvlm.data.manifest import ManifestError, build_manifest, case_split
 from med3dvlm.data.plan import load_assignment, plan_shards, save_assignment
-from med3dvlm.runtime import UserError, init_ray, sha256_json, task_cpus, write_run_json
+from med3dvlm.runtime import UserError, allocator_env, init_ray, sha256_json, task_cpus, write_run_json
 
 
 def preprocess(cfg, raw, out, log=print) -> dict:
@@ -86,7 +86,7 @@ def _run_shards(specs: list[dict], per_task: float, slots: int, started: float, 
 
     from med3dvlm.data.shards import process_shard
 
-    task = ray.remote(process_shard).options(num_cpus=per_task)
+    task = ray.remote(process_shard).options(num_cpus=per_task, runtime_env={"env_vars": allocator_env()})
     todo, running, results, peak, last = deque(specs), [], [], 0.0, 0.0
     while todo or running:
         while todo and len(running) < 2 * slots:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from med3dvlm import storage
 from med3dvlm.models.export import CLIP, VLM, ExportError, read_meta
-from med3dvlm.runtime import UserError, init_ray, log_level, sha256_json, train_worker_env, write_run_json
+from med3dvlm.runtime import UserError, allocator_env, init_ray, log_level, sha256_json, write_run_json
 from med3dvlm.train.datasets import StageData, count_samples, count_validation
 
 BUILTIN_TEXT = ("minilm", "tiny-bert")
@@ -155,7 +155,7 @@ def make_trainer(cfg, stage: int, shards: str, out: str, init: str | None, plan:
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures), callbacks=callbacks,
                              logging_config=LoggingConfig(log_level=log_level()),  # per-checkpoint lines: log files
-                             worker_runtime_env={"env_vars": train_worker_env()}),
+                             worker_runtime_env={"env_vars": allocator_env()}),
         datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )
 
