@@ -78,3 +78,14 @@ def test_separable_resize_is_pytorch_trilinear(src, dst, dtype):
     # float32 rounding: a source coordinate up to 40 is exact to ~4e-6, times a step of up to 255 between
     # neighbours, on each of three axes (1e-3 was exceeded by 1.07e-3 at a size hypothesis found, 2026-11-29)
     assert np.abs(ours - theirs).max() <= 4e-3
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float16"])
+def test_the_input_volume_is_never_altered(dtype):
+    """The min-max runs in place on the resized array; at the target shape with nothing to crop that must still be
+    a copy, never the caller's array (a float32 .npy upload is used as it is)."""
+    arr = np.random.default_rng(0).random((4, 8, 8), dtype=np.float32) + 1.0
+    before = arr.copy()
+    out = preprocess_volume(Volume(arr, False, "x.npy", "npy"), (4, 8, 8), dtype=dtype, window_mode="never")
+    assert np.array_equal(arr, before)
+    assert out.min() == 0 and float(out.max()) == {"uint8": 255.0, "float16": 1.0}[dtype]
