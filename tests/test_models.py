@@ -58,6 +58,27 @@ def test_stem_activation_switch():
     assert isinstance(b.stem[0].act, torch.nn.GELU) and isinstance(a.stem[0].act, torch.nn.Identity)
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_depthwise_axis_convolution_equals_conv3d_forward_and_backward(axis):
+    """The depthwise 1-D convolution runs as a 2-D convolution on a view on CPU: the same sums as torch's Conv3d
+    with the same weights, values and gradients (float64, batch 2, a kernel longer than the axis)."""
+    from med3dvlm.models.dcformer import AxisConv3d
+
+    torch.manual_seed(axis)
+    conv = AxisConv3d(6, 6, 5, axis, groups=6).double()
+    x = torch.randn(2, 6, 3, 4, 7, dtype=torch.float64, requires_grad=True)
+    x3 = x.detach().clone().requires_grad_()
+    w3 = conv.weight.detach().clone().requires_grad_()
+    b3 = conv.bias.detach().clone().requires_grad_()
+    g = torch.randn(2, 6, 3, 4, 7, dtype=torch.float64)
+    conv(x).backward(g)
+    F.conv3d(x3, w3, b3, padding=conv.padding, groups=6).backward(g)
+    assert conv(x).shape == x.shape
+    torch.testing.assert_close(conv(x), F.conv3d(x3, w3, b3, padding=conv.padding, groups=6), rtol=0, atol=1e-12)
+    for ours, theirs in ((x.grad, x3.grad), (conv.weight.grad, w3.grad), (conv.bias.grad, b3.grad)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
 def test_projector_paper_count_and_shape_on_meta():
     enc = build_dcformer("small")
     cfg = projector_config_for(enc, (128, 256, 256), 3584, 256)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 @dataclass
@@ -33,6 +34,36 @@ VARIANTS = {
 }
 
 
+class AxisConv3d(nn.Conv3d):
+    """A Conv3d whose kernel is 1-D (length k along `axis`; "same" padding). Depthwise, at stride 1, on a plain
+    (NCDHW) CPU tensor it runs as a 2-D convolution on a view of the input, the same sums: oneDNN's 2-D depthwise
+    kernels are far quicker than its 3-D ones (forward+backward at stage 1's 96x4x32x32, k 13: 8.4 / 11.1 / 7.5 ms
+    along D / H / W against 2.3 / 3.2 / 4.2; 2026-11-30, torch 2.13, this project's CPU box). Same parameters."""
+
+    def __init__(self, cin: int, cout: int, k: int, axis: int, stride: int = 1, groups: int = 1):
+        kernel, pad = [1, 1, 1], [0, 0, 0]
+        kernel[axis], pad[axis] = k, k // 2
+        super().__init__(cin, cout, tuple(kernel), stride=stride, padding=tuple(pad), groups=groups)
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.out_channels
+        if not (self.groups == self.in_channels == c and self.stride == (1, 1, 1) and x.device.type == "cpu"
+                and x.is_contiguous()):
+            return super().forward(x)
+        n, _, d, h, w = x.shape
+        k, weight, bias = self.kernel_size[self.axis], self.weight, self.bias
+        if self.axis == 1:  # along H: each (channel, depth) pair is one 2-D plane, the weight repeated per depth
+            view, kernel = x.view(n, c * d, h, w), (k, 1)
+            weight = weight.repeat_interleave(d, 0)
+            bias = bias.repeat_interleave(d) if bias is not None else None
+        else:  # along D: (D, H*W) planes; along W: (D*H, W) planes, rows never mix
+            view, kernel = (x.view(n, c, d, h * w), (k, 1)) if self.axis == 0 else (x.view(n, c, d * h, w), (1, k))
+        y = F.conv2d(view, weight.reshape(-1, 1, *kernel), bias, padding=(kernel[0] // 2, kernel[1] // 2),
+                     groups=view.shape[1])
+        return y.view(n, c, d, h, w)
+
+
 class DecompConv3d(nn.Module):
     """Three parallel 1-D convolutions along D, H and W, each with its own BatchNorm, summed."""
 
@@ -40,16 +71,17 @@ class DecompConv3d(nn.Module):
         super().__init__()
         self.branches = nn.ModuleList()
         for axis in range(3):
-            kernel, pad = [1, 1, 1], [0, 0, 0]
-            kernel[axis], pad[axis] = k, k // 2
             self.branches.append(nn.Sequential(
-                nn.Conv3d(cin, cout, tuple(kernel), stride=stride, padding=tuple(pad), groups=groups),
+                AxisConv3d(cin, cout, k, axis, stride=stride, groups=groups),
                 nn.BatchNorm3d(cout),
             ))
         self.act = nn.GELU() if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(sum(b(x) for b in self.branches))
+        y = self.branches[0](x)
+        for branch in self.branches[1:]:
+            y += branch(x)  # in place: BatchNorm's backward keeps its input, not its output (and sum() adds a 0 +)
+        return self.act(y)
 
 
 class _ToChannelsLast(torch.autograd.Function):
@@ -142,8 +174,9 @@ class DCFormer(nn.Module):
         # Channels-last after the first layer: oneDNN's and cuDNN's fast 3-D convolutions want NDHWC (weights
         # channels-last too, set in __init__; DeepSpeed needs them plain, train/loop.py). The stem's activations are
         # channels-last; a 1x1x1 or depthwise weight is both layouts at once, so from the first downsampling on torch
-        # picks the plain one (forcing channels-last there measured no faster). Fwd+bwd: 1.25x the reference's on
-        # this project's CPU box (2026-11-30, bench/results/vs_reference.json), 1.42x on an H100 (gpu.md). The first
+        # picks the plain one (forcing channels-last there measured no faster; the depthwise mixers then run as 2-D
+        # convolutions, AxisConv3d). Fwd+bwd: 1.41x the reference's on this project's CPU box (2026-11-30,
+        # bench/results/vs_reference.json), 1.42x on an H100 before AxisConv3d (gpu.md; it is CPU only). The first
         # layer (one input channel) stays plain: torch 2.13's oneDNN corrupts the heap for a channels-last 1->C
         # strided Conv3d at batch > 1.
         x = self.stem(x)
@@ -151,7 +184,8 @@ class DCFormer(nn.Module):
         for stage in self.stages:
             x = stage(x)
             feats.append(x)
-        return [f.flatten(2).transpose(1, 2) for f in feats]  # (B, D*H*W, C), (D, H, W) order
+        return [f.permute(0, 2, 3, 4, 1).flatten(1, 3) for f in feats]  # (B, D*H*W, C), (D, H, W) order; a view
+        # in either layout (flatten(2) first copied the channels-last stem's tokens)
 
     def fold_batchnorm(self) -> DCFormer:
         """For inference only: each branch's BatchNorm folded into its convolution (`fuse_conv_bn_eval`), same outputs
