@@ -58,15 +58,19 @@ def test_stem_activation_switch():
     assert isinstance(b.stem[0].act, torch.nn.GELU) and isinstance(a.stem[0].act, torch.nn.Identity)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
 @pytest.mark.parametrize("axis", [0, 1, 2])
-def test_depthwise_axis_convolution_equals_conv3d_forward_and_backward(axis):
-    """The depthwise 1-D convolution runs as a 2-D convolution on a view on CPU: the same sums as torch's Conv3d
-    with the same weights, values and gradients (float64, batch 2, a kernel longer than the axis)."""
+def test_depthwise_axis_convolution_equals_conv3d_forward_and_backward(axis, layout):
+    """The depthwise 1-D convolution runs as a 2-D convolution on a view on CPU, from either layout: the same sums as
+    torch's Conv3d with the same weights, values and gradients (float64, batch 2, a kernel longer than the axis)."""
     from med3dvlm.models.dcformer import AxisConv3d
 
     torch.manual_seed(axis)
     conv = AxisConv3d(6, 6, 5, axis, groups=6).double()
-    x = torch.randn(2, 6, 3, 4, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 6, 3, 4, 7, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    assert x.is_contiguous(memory_format=layout) and not x.is_contiguous(memory_format=torch.channels_last_3d
+                                                                        if layout == torch.contiguous_format
+                                                                        else torch.contiguous_format)
     x3 = x.detach().clone().requires_grad_()
     w3 = conv.weight.detach().clone().requires_grad_()
     b3 = conv.bias.detach().clone().requires_grad_()

@@ -35,10 +35,11 @@ VARIANTS = {
 
 
 class AxisConv3d(nn.Conv3d):
-    """A Conv3d whose kernel is 1-D (length k along `axis`; "same" padding). Depthwise, at stride 1, on a plain
-    (NCDHW) CPU tensor it runs as a 2-D convolution on a view of the input, the same sums: oneDNN's 2-D depthwise
-    kernels are far quicker than its 3-D ones (forward+backward at stage 1's 96x4x32x32, k 13: 8.4 / 11.1 / 7.5 ms
-    along D / H / W against 2.3 / 3.2 / 4.2; 2026-11-30, torch 2.13, this project's CPU box). Same parameters."""
+    """A Conv3d whose kernel is 1-D (length k along `axis`; "same" padding). Depthwise, at stride 1, on a CPU tensor
+    in either layout it runs as a 2-D convolution on a view of the input, the same sums: oneDNN's 2-D depthwise
+    kernels are far quicker than its 3-D ones (forward+backward along D / H / W, 2026-11-30, torch 2.13, this project's
+    CPU box: 96x4x32x32 plain, k 13: 8.4 / 11.1 / 7.5 ms against 2.3 / 3.2 / 4.2; 2x96x16x32x32 channels-last: 69.7 /
+    40.6 / 44.1 against 14.8 / 7.0 / 18.7). Same parameters as a Conv3d."""
 
     def __init__(self, cin: int, cout: int, k: int, axis: int, stride: int = 1, groups: int = 1):
         kernel, pad = [1, 1, 1], [0, 0, 0]
@@ -47,21 +48,40 @@ class AxisConv3d(nn.Conv3d):
         self.axis = axis
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.out_channels
-        if not (self.groups == self.in_channels == c and self.stride == (1, 1, 1) and x.device.type == "cpu"
-                and x.is_contiguous()):
-            return super().forward(x)
-        n, _, d, h, w = x.shape
-        k, weight, bias = self.kernel_size[self.axis], self.weight, self.bias
-        if self.axis == 1:  # along H: each (channel, depth) pair is one 2-D plane, the weight repeated per depth
-            view, kernel = x.view(n, c * d, h, w), (k, 1)
-            weight = weight.repeat_interleave(d, 0)
-            bias = bias.repeat_interleave(d) if bias is not None else None
-        else:  # along D: (D, H*W) planes; along W: (D*H, W) planes, rows never mix
-            view, kernel = (x.view(n, c, d, h * w), (k, 1)) if self.axis == 0 else (x.view(n, c, d * h, w), (1, k))
-        y = F.conv2d(view, weight.reshape(-1, 1, *kernel), bias, padding=(kernel[0] // 2, kernel[1] // 2),
-                     groups=view.shape[1])
+        if self.groups == self.in_channels == self.out_channels and self.stride == (1, 1, 1) and x.device.type == "cpu":
+            if x.is_contiguous():
+                return self._as_2d_plain(x)
+            if x.is_contiguous(memory_format=torch.channels_last_3d):
+                return self._as_2d_channels_last(x)
+        return super().forward(x)
+
+    def _conv2d(self, view: torch.Tensor, weight: torch.Tensor, bias, kernel: tuple[int, int]) -> torch.Tensor:
+        return F.conv2d(view, weight.reshape(-1, 1, *kernel), bias, padding=(kernel[0] // 2, kernel[1] // 2),
+                        groups=view.shape[1])
+
+    def _as_2d_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """NCDHW: along D, (D, H*W) planes; along W, (D*H, W) planes (rows never mix); along H, each (channel, depth)
+        pair is a plane, the weight repeated per depth."""
+        n, c, d, h, w = x.shape
+        k = self.kernel_size[self.axis]
+        if self.axis == 1:
+            bias = self.bias.repeat_interleave(d) if self.bias is not None else None
+            y = self._conv2d(x.view(n, c * d, h, w), self.weight.repeat_interleave(d, 0), bias, (k, 1))
+        elif self.axis == 0:
+            y = self._conv2d(x.view(n, c, d, h * w), self.weight, self.bias, (k, 1))
+        else:
+            y = self._conv2d(x.view(n, c, d * h, w), self.weight, self.bias, (1, k))
         return y.view(n, c, d, h, w)
+
+    def _as_2d_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """NDHWC in memory: along D, a channels-last (D, H*W) image per sample; along H or W, one (H, W) image per
+        sample and depth. Views both ways; the output is channels-last like the input."""
+        n, c, d, h, w = x.shape
+        k = self.kernel_size[self.axis]
+        rows = x.permute(0, 2, 3, 4, 1)  # (N, D, H, W, C), contiguous
+        view = rows.reshape(n, d, h * w, c) if self.axis == 0 else rows.reshape(n * d, h, w, c)
+        y = self._conv2d(view.permute(0, 3, 1, 2), self.weight, self.bias, (1, k) if self.axis == 2 else (k, 1))
+        return y.permute(0, 2, 3, 1).reshape(n, d, h, w, c).permute(0, 4, 1, 2, 3)
 
 
 class DecompConv3d(nn.Module):
