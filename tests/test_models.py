@@ -83,6 +83,25 @@ def test_depthwise_axis_convolution_equals_conv3d_forward_and_backward(axis, lay
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_the_downsampling_pool_gives_torchs_values_and_gradients(layout):
+    """The pool that hands its gradient back channels-last is still MaxPool3d: same output and input gradient, with
+    a plain gradient arriving from the 1x1x1 convolution after it, as in a ConvBlock."""
+    from med3dvlm.models.dcformer import MaxPool
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 10, 10, dtype=torch.float64).contiguous(memory_format=layout)
+    conv = torch.nn.Conv3d(8, 4, 1, bias=False).double()
+    grads = []
+    for pool in (MaxPool(3, 2, 1), torch.nn.MaxPool3d(3, 2, 1)):
+        xi = x.detach().clone().requires_grad_()
+        y = pool(xi)
+        conv(y).square().sum().backward()
+        grads.append((y.detach(), xi.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=0)
+
+
 def test_projector_paper_count_and_shape_on_meta():
     enc = build_dcformer("small")
     cfg = projector_config_for(enc, (128, 256, 256), 3584, 256)
