@@ -116,12 +116,10 @@ def preprocess_volume(
     cropped = arr[foreground_bbox(arr, lo)]
     if dtype not in ("uint8", "float16"):
         raise ValueError(f"dtype must be uint8 or float16, not {dtype!r}")
-    out = resize_trilinear(cropped, shape)
+    out = resize_trilinear(cropped, shape)  # a fresh float32 array: scaled in place, one float32 volume in all
     if dtype == "float16":
-        return _min_max(out, lo, hi).astype(np.float16)
-    out -= np.float32(lo)  # round((x - lo) / (hi - lo) * 255), clipped, in place: one float32 volume in all
-    out *= np.float32(255.0) / np.float32(hi - lo)
-    return np.rint(np.clip(out, 0.0, 255.0, out=out), out=out).astype(np.uint8)
+        return _min_max(out, lo, hi, in_place=True).astype(np.float16)
+    return np.rint(_min_max(out, lo, hi, 255.0, in_place=True), out=out).astype(np.uint8)
 
 
 def display_volume(vol: Volume, window: tuple[float, float] = (400.0, 40.0), window_mode: str = "auto",
@@ -132,13 +130,16 @@ def display_volume(vol: Volume, window: tuple[float, float] = (400.0, 40.0), win
     arr = to_unit_range(vol, window, window_mode)
     lo, hi = arr.min(), arr.max()
     strided = arr[tuple(slice(None, None, -(-n // max_side)) for n in arr.shape)]
-    return np.rint(_min_max(strided, lo, max(hi, lo + 1e-12)) * 255.0).astype(np.uint8)
+    return np.rint(_min_max(strided, lo, max(hi, lo + 1e-12), 255.0)).astype(np.uint8)
 
 
-def _min_max(arr: np.ndarray, lo, hi) -> np.ndarray:
-    """`arr` scaled so that [lo, hi] is [0, 1], clipped (float32)."""
-    out = (arr.astype(np.float32, copy=False) - np.float32(lo)) / np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out)
+def _min_max(arr: np.ndarray, lo, hi, top: float = 1.0, in_place: bool = False) -> np.ndarray:
+    """`arr` scaled so that [lo, hi] is [0, top], clipped, float32; `in_place` only on a float32 array the caller
+    owns (never on a volume's own array)."""
+    out = arr if in_place else arr.astype(np.float32)
+    out -= np.float32(lo)
+    out *= np.float32(top) / np.float32(hi - lo)
+    return np.clip(out, 0.0, top, out=out)
 
 
 def to_float(volume) -> torch.Tensor:  # noqa: F821 (torch is imported here, not by preprocessing workers)

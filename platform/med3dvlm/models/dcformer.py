@@ -218,9 +218,11 @@ class DCFormer(nn.Module):
         # Channels-last after the first layer: oneDNN's and cuDNN's fast 3-D convolutions want NDHWC (weights
         # channels-last too, set in __init__; DeepSpeed needs them plain, train/loop.py). The stem's activations are
         # channels-last; a 1x1x1 or depthwise weight is both layouts at once, so from the first downsampling on torch
-        # picks the plain one (forcing channels-last there measured no faster; the depthwise mixers then run as 2-D
-        # convolutions, AxisConv3d). Fwd+bwd: 1.41x the reference's on this project's CPU box (2026-11-30,
-        # bench/results/vs_reference.json), 1.42x on an H100 before AxisConv3d (gpu.md; it is CPU only). The first
+        # picks a layout by shape (plain at 1x32x256x256, channels-last at the paper's 2x128x256x256; forcing
+        # channels-last measured no faster). On CPU the depthwise mixers run as 2-D convolutions from either layout
+        # (AxisConv3d) and the pool hands its gradient back in its input's layout (MaxPool). Fwd+bwd: 1.44x the
+        # reference's on this project's CPU box (2026-11-30, bench/results/vs_reference.json), 1.42x on an H100
+        # before those two (gpu.md; they act on CPU only). The first
         # layer (one input channel) stays plain: torch 2.13's oneDNN corrupts the heap for a channels-last 1->C
         # strided Conv3d at batch > 1.
         x = self.stem(x)
