@@ -83,6 +83,29 @@ def test_depthwise_axis_convolution_equals_conv3d_forward_and_backward(axis, lay
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_the_one_channel_first_layer_equals_conv3d_forward_and_backward(axis):
+    """The stem's first layer (one input channel, k 7, stride 4) runs on CPU as a matmul of each output position's
+    taps: torch's Conv3d values and gradients (input, weight, bias), its output shape on sizes that are not multiples
+    of the stride, and a channels-last output."""
+    from med3dvlm.models.dcformer import AxisConv3d
+
+    torch.manual_seed(axis)
+    conv = AxisConv3d(1, 5, 7, axis, stride=4).double()
+    x = torch.randn(2, 1, 9, 10, 13, dtype=torch.float64, requires_grad=True)
+    x3, w3, b3 = (t.detach().clone().requires_grad_() for t in (x, conv.weight, conv.bias))
+    theirs = F.conv3d(x3, w3, b3, stride=4, padding=conv.padding)
+    ours = conv(x)
+    assert ours.shape == theirs.shape == (2, 5, 3, 3, 4)
+    assert ours.is_contiguous(memory_format=torch.channels_last_3d)
+    g = torch.randn(theirs.shape, dtype=torch.float64)
+    ours.backward(g)
+    theirs.backward(g)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    for a, b in ((x.grad, x3.grad), (conv.weight.grad, w3.grad), (conv.bias.grad, b3.grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
 def test_the_downsampling_pool_gives_torchs_values_and_gradients(layout):
     """The pool that hands its gradient back channels-last is still MaxPool3d: same output and input gradient, with

@@ -35,11 +35,16 @@ VARIANTS = {
 
 
 class AxisConv3d(nn.Conv3d):
-    """A Conv3d whose kernel is 1-D (length k along `axis`; "same" padding). Depthwise, at stride 1, on a CPU tensor
-    in either layout it runs as a 2-D convolution on a view of the input, the same sums: oneDNN's 2-D depthwise
-    kernels are far quicker than its 3-D ones (forward+backward along D / H / W, 2026-11-30, torch 2.13, this project's
-    CPU box: 96x4x32x32 plain, k 13: 8.4 / 11.1 / 7.5 ms against 2.3 / 3.2 / 4.2; 2x96x16x32x32 channels-last: 69.7 /
-    40.6 / 44.1 against 14.8 / 7.0 / 18.7). Same parameters as a Conv3d."""
+    """A Conv3d whose kernel is 1-D (length k along `axis`; "same" padding). Same parameters as a Conv3d; two CPU
+    paths compute the same sums faster:
+
+    - depthwise, at stride 1, in either layout: a 2-D convolution on a view of the input. oneDNN's 2-D depthwise
+      kernels are far quicker than its 3-D ones (forward+backward along D / H / W, 2026-11-30, torch 2.13, this
+      project's CPU box: 96x4x32x32 plain, k 13: 8.4 / 11.1 / 7.5 ms against 2.3 / 3.2 / 4.2; 2x96x16x32x32
+      channels-last: 69.7 / 40.6 / 44.1 against 14.8 / 7.0 / 18.7);
+    - one input channel (the stem's first layer): a matmul of each output position's taps, channels-last out, so
+      the stem needs no layout copy either way and no oneDNN reorder under bf16 autocast (a DCFormer-small step at
+      2x128x256x256, interleaved in one process: 1.06x in float32 and in bf16; 2026-11-30 11:50)."""
 
     def __init__(self, cin: int, cout: int, k: int, axis: int, stride: int = 1, groups: int = 1):
         kernel, pad = [1, 1, 1], [0, 0, 0]
@@ -48,12 +53,26 @@ class AxisConv3d(nn.Conv3d):
         self.axis = axis
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.groups == self.in_channels == self.out_channels and self.stride == (1, 1, 1) and x.device.type == "cpu":
-            if x.is_contiguous():
-                return self._as_2d_plain(x)
-            if x.is_contiguous(memory_format=torch.channels_last_3d):
-                return self._as_2d_channels_last(x)
+        if x.device.type == "cpu":
+            if self.in_channels == 1 == self.groups:
+                return self._as_matmul(x)
+            if self.groups == self.in_channels == self.out_channels and self.stride == (1, 1, 1):
+                if x.is_contiguous():
+                    return self._as_2d_plain(x)
+                if x.is_contiguous(memory_format=torch.channels_last_3d):
+                    return self._as_2d_channels_last(x)
         return super().forward(x)
+
+    def _as_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """One input channel (the stem's first layer): the k taps of every output position, read from the input
+        subsampled by the stride, times the (k, C) weight: one matmul whose output is already channels-last."""
+        a, k, s = self.axis, self.kernel_size[self.axis], self.stride
+        v = x[:, 0, ::s[0] if a != 0 else 1, ::s[1] if a != 1 else 1, ::s[2] if a != 2 else 1]
+        pad = [0] * 6
+        pad[2 * (2 - a)] = pad[2 * (2 - a) + 1] = self.padding[a]
+        taps = F.pad(v, pad).unfold(1 + a, k, s[a])  # (N, D', H', W', k)
+        y = F.linear(taps, self.weight.reshape(self.out_channels, k), self.bias)  # (N, D', H', W', C)
+        return y.permute(0, 4, 1, 2, 3)
 
     def _conv2d(self, view: torch.Tensor, weight: torch.Tensor, bias, kernel: tuple[int, int]) -> torch.Tensor:
         return F.conv2d(view, weight.reshape(-1, 1, *kernel), bias, padding=(kernel[0] // 2, kernel[1] // 2),
@@ -105,7 +124,8 @@ class DecompConv3d(nn.Module):
 
 
 class _ToChannelsLast(torch.autograd.Function):
-    """x -> channels-last 3-D, with its gradient returned plain, in the layout of the plain layer before it: given a
+    """x -> channels-last 3-D (the stem's first output off the CPU), with its gradient returned plain, in the layout
+    of the plain layer before it: given a
     plain input and a channels-last gradient, torch's CPU BatchNorm takes a generic path (forward and backward at the
     stem's 64x8x64x64: 18.9 ms against 4.3 with both in one layout; 2026-11-30, torch 2.13, this project's CPU box)."""
 
@@ -150,7 +170,9 @@ class Stem(nn.Sequential):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _ToChannelsLast.apply(self[0](x))  # see DCFormer.forward
+        x = self[0](x)  # channels-last on CPU (AxisConv3d), plain elsewhere: see DCFormer.forward
+        if not x.is_contiguous(memory_format=torch.channels_last_3d):
+            x = _ToChannelsLast.apply(x)
         for layer in list(self)[1:]:
             x = layer(x)
         return x
@@ -223,8 +245,9 @@ class DCFormer(nn.Module):
         # (AxisConv3d) and the pool hands its gradient back in its input's layout (MaxPool). Fwd+bwd: 1.44x the
         # reference's on this project's CPU box (2026-11-30, bench/results/vs_reference.json), 1.42x on an H100
         # before those two (gpu.md; they act on CPU only). The first
-        # layer (one input channel) stays plain: torch 2.13's oneDNN corrupts the heap for a channels-last 1->C
-        # strided Conv3d at batch > 1.
+        # layer (one input channel) is channels-last on CPU (AxisConv3d's matmul); elsewhere a plain Conv3d whose
+        # output is copied to channels-last (torch 2.13's oneDNN corrupts the heap for a channels-last 1->C strided
+        # Conv3d at batch > 1, so its weight stays plain).
         x = self.stem(x)
         feats = [x]
         for stage in self.stages:
