@@ -17,12 +17,9 @@ ROOT = __package__.rpartition(".")[0] if __package__ else ""
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--version":
-        from importlib.metadata import PackageNotFoundError, version
+        from med3dvlm.runtime import package_version
 
-        try:
-            print(f"med3dvlm {version('med3dvlm')}")
-        except PackageNotFoundError:
-            print("med3dvlm (not installed; run from a checkout)")
+        print(package_version())
         sys.exit(0)
     if not argv or argv[0] not in COMMANDS:
         print(__doc__.strip() + "\n\ncommands: " + ", ".join(COMMANDS), file=sys.stderr)

@@ -6,7 +6,7 @@ import argparse
 
 from med3dvlm.config import Config
 from med3dvlm.runtime import run_cli as run_main  # noqa: F401  (the entry points' `__main__` wrapper)
-from med3dvlm.runtime import user_config
+from med3dvlm.runtime import package_version, user_config
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="Ray Data/Train/Tune's own lines on the terminal (ours always print; all stay in Ray's logs)")
+    p.add_argument("--version", action="version", version=package_version())
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. model.encoder=nano")
     return p
 

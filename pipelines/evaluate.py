@@ -18,8 +18,10 @@ from .common import run_main
 
 def arg_parser() -> argparse.ArgumentParser:
     from med3dvlm.eval.runner import KIND_FOR_TASK, RETRIEVAL_N
+    from med3dvlm.runtime import package_version
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--version", action="version", version=package_version())
     p.add_argument("--config", default=None, help="a YAML file of these settings (keys as the flags, with _ for -)")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings (YAML) and exit")
     p.add_argument("overrides", nargs="*", help="key=value settings, e.g. max_new_tokens=96 (flags win)")

@@ -9,11 +9,12 @@ import argparse
 import sys
 
 from med3dvlm.data.synthetic import BAD_INPUTS, write_m3d_tree
-from med3dvlm.runtime import UserError, run_cli
+from med3dvlm.runtime import UserError, package_version, run_cli
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--version", action="version", version=package_version())
     p.add_argument("--out", required=True, help="folder to write the M3D-layout tree into")
     p.add_argument("--cases", type=int, default=40, help="patients (each with one or more series)")
     p.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same tree)")

@@ -81,5 +81,8 @@ def test_every_entry_point_help_lists_defaults(capsys):
             main([name, "--help"])
         out = " ".join(capsys.readouterr().out.split())
         assert e.value.code == 0 and "(default:" in out, name
+        with pytest.raises(SystemExit) as e:
+            main([name, "--version"])
+        assert e.value.code == 0 and capsys.readouterr().out.startswith("med3dvlm "), name
         if name != "make-synthetic":  # writes test data: there is no pipeline config to give it
             assert "--config" in out, f"{name} takes no --config"

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from med3dvlm import storage
-from med3dvlm.runtime import UserError, init_ray, run_cli, user_config
+from med3dvlm.runtime import UserError, init_ray, package_version, run_cli, user_config
 
 SWEEP_NAME = "siglip-sweep"
 
@@ -42,6 +42,7 @@ def parse_range(text: str, what: str) -> tuple[float, float]:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--version", action="version", version=package_version())
     p.add_argument("--config", default="tiny", help="preset (tiny, m3d, paper) or a YAML file: each trial's base")
     p.add_argument("--shards", required=True, help="preprocessed shards (path or URI) with a validation split")
     p.add_argument("--out", default="out/sweep", help="where trials, best.yaml and the plots go (path or URI)")

@@ -190,6 +190,16 @@ def user_config(name_or_path: str, overrides: list[str] | None = None):
         raise UserError(str(e)) from None
 
 
+def package_version() -> str:
+    """"med3dvlm X.Y.Z" as installed (a checkout installs itself in `make setup`), or a note that it is not."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"med3dvlm {version('med3dvlm')}"
+    except PackageNotFoundError:
+        return "med3dvlm (not installed; run from a checkout)"
+
+
 def run_cli(main):
     """Apply the environment defaults, run `main()`; bad input exits 2 with one line, never a traceback."""
     apply_env_defaults()
