@@ -58,15 +58,17 @@ def test_stem_activation_switch():
     assert isinstance(b.stem[0].act, torch.nn.GELU) and isinstance(a.stem[0].act, torch.nn.Identity)
 
 
+@pytest.mark.parametrize("groups", [6, 1])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
 @pytest.mark.parametrize("axis", [0, 1, 2])
-def test_depthwise_axis_convolution_equals_conv3d_forward_and_backward(axis, layout):
-    """The depthwise 1-D convolution runs as a 2-D convolution on a view on CPU, from either layout: the same sums as
-    torch's Conv3d with the same weights, values and gradients (float64, batch 2, a kernel longer than the axis)."""
+def test_axis_convolution_equals_conv3d_forward_and_backward(axis, layout, groups):
+    """The 1-D convolution runs on CPU as a 2-D convolution on a view (depthwise from either layout; dense along H or
+    W from channels-last): the same sums as torch's Conv3d with the same weights, values and gradients (float64,
+    batch 2, a kernel longer than the axis)."""
     from med3dvlm.models.dcformer import AxisConv3d
 
     torch.manual_seed(axis)
-    conv = AxisConv3d(6, 6, 5, axis, groups=6).double()
+    conv = AxisConv3d(6, 6, 5, axis, groups=groups).double()
     x = torch.randn(2, 6, 3, 4, 7, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
     assert x.is_contiguous(memory_format=layout) and not x.is_contiguous(memory_format=torch.channels_last_3d
                                                                         if layout == torch.contiguous_format
@@ -76,9 +78,9 @@ def test_depthwise_axis_convolution_equals_conv3d_forward_and_backward(axis, lay
     b3 = conv.bias.detach().clone().requires_grad_()
     g = torch.randn(2, 6, 3, 4, 7, dtype=torch.float64)
     conv(x).backward(g)
-    F.conv3d(x3, w3, b3, padding=conv.padding, groups=6).backward(g)
+    F.conv3d(x3, w3, b3, padding=conv.padding, groups=groups).backward(g)
     assert conv(x).shape == x.shape
-    torch.testing.assert_close(conv(x), F.conv3d(x3, w3, b3, padding=conv.padding, groups=6), rtol=0, atol=1e-12)
+    torch.testing.assert_close(conv(x), F.conv3d(x3, w3, b3, padding=conv.padding, groups=groups), rtol=0, atol=1e-12)
     for ours, theirs in ((x.grad, x3.grad), (conv.weight.grad, w3.grad), (conv.bias.grad, b3.grad)):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
 

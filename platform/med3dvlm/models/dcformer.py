@@ -38,10 +38,12 @@ class AxisConv3d(nn.Conv3d):
     """A Conv3d whose kernel is 1-D (length k along `axis`; "same" padding). Same parameters as a Conv3d; two CPU
     paths compute the same sums faster:
 
-    - depthwise, at stride 1, in either layout: a 2-D convolution on a view of the input. oneDNN's 2-D depthwise
-      kernels are far quicker than its 3-D ones (forward+backward along D / H / W, 2026-11-30, torch 2.13, this
-      project's CPU box: 96x4x32x32 plain, k 13: 8.4 / 11.1 / 7.5 ms against 2.3 / 3.2 / 4.2; 2x96x16x32x32
-      channels-last: 69.7 / 40.6 / 44.1 against 14.8 / 7.0 / 18.7);
+    - at stride 1, depthwise in either layout, dense along H or W from channels-last: a 2-D convolution on a view
+      of the input. oneDNN's 2-D depthwise kernels are far quicker than its 3-D ones (forward+backward along D / H /
+      W, 2026-11-30, torch 2.13, this project's CPU box: 96x4x32x32 plain, k 13: 8.4 / 11.1 / 7.5 ms against 2.3 /
+      3.2 / 4.2; 2x96x16x32x32 channels-last: 69.7 / 40.6 / 44.1 against 14.8 / 7.0 / 18.7); its dense ones a little
+      (the stem's 64->64 convolutions: a DCFormer-small step at 2x128x256x256 1.03-1.05x in float32, the same in bf16
+      and at 1x32x256x256; along D the 2-D backward is slower);
     - one input channel (the stem's first layer): a matmul of each output position's taps, channels-last out, so
       the stem needs no layout copy either way and no oneDNN reorder under bf16 autocast (a DCFormer-small step at
       2x128x256x256, interleaved in one process: 1.06x in float32 and in bf16; 2026-11-30 11:50)."""
@@ -56,10 +58,11 @@ class AxisConv3d(nn.Conv3d):
         if x.device.type == "cpu":
             if self.in_channels == 1 == self.groups:
                 return self._as_matmul(x)
-            if self.groups == self.in_channels == self.out_channels and self.stride == (1, 1, 1):
-                if x.is_contiguous():
+            if self.stride == (1, 1, 1):
+                depthwise = self.groups == self.in_channels == self.out_channels
+                if depthwise and x.is_contiguous():
                     return self._as_2d_plain(x)
-                if x.is_contiguous(memory_format=torch.channels_last_3d):
+                if (depthwise or self.axis != 0) and x.is_contiguous(memory_format=torch.channels_last_3d):
                     return self._as_2d_channels_last(x)
         return super().forward(x)
 
@@ -74,9 +77,11 @@ class AxisConv3d(nn.Conv3d):
         y = F.linear(taps, self.weight.reshape(self.out_channels, k), self.bias)  # (N, D', H', W', C)
         return y.permute(0, 4, 1, 2, 3)
 
-    def _conv2d(self, view: torch.Tensor, weight: torch.Tensor, bias, kernel: tuple[int, int]) -> torch.Tensor:
-        return F.conv2d(view, weight.reshape(-1, 1, *kernel), bias, padding=(kernel[0] // 2, kernel[1] // 2),
-                        groups=view.shape[1])
+    def _conv2d(self, view: torch.Tensor, weight: torch.Tensor, bias, kernel: tuple[int, int],
+                groups: int | None = None) -> torch.Tensor:
+        groups = groups or view.shape[1]  # depthwise unless told
+        return F.conv2d(view, weight.reshape(weight.shape[0], -1, *kernel), bias,
+                        padding=(kernel[0] // 2, kernel[1] // 2), groups=groups)
 
     def _as_2d_plain(self, x: torch.Tensor) -> torch.Tensor:
         """NCDHW: along D, (D, H*W) planes; along W, (D*H, W) planes (rows never mix); along H, each (channel, depth)
@@ -99,7 +104,8 @@ class AxisConv3d(nn.Conv3d):
         k = self.kernel_size[self.axis]
         rows = x.permute(0, 2, 3, 4, 1)  # (N, D, H, W, C), contiguous
         view = rows.reshape(n, d, h * w, c) if self.axis == 0 else rows.reshape(n * d, h, w, c)
-        y = self._conv2d(view.permute(0, 3, 1, 2), self.weight, self.bias, (1, k) if self.axis == 2 else (k, 1))
+        y = self._conv2d(view.permute(0, 3, 1, 2), self.weight, self.bias, (1, k) if self.axis == 2 else (k, 1),
+                         self.groups)
         return y.permute(0, 2, 3, 1).reshape(n, d, h, w, c).permute(0, 4, 1, 2, 3)
 
 
