@@ -248,7 +248,7 @@ class DCFormer(nn.Module):
         # channels-last; a 1x1x1 or depthwise weight is both layouts at once, so from the first downsampling on torch
         # picks a layout by shape (plain at 1x32x256x256, channels-last at the paper's 2x128x256x256; forcing
         # channels-last measured no faster). On CPU the depthwise mixers run as 2-D convolutions from either layout
-        # (AxisConv3d) and the pool hands its gradient back in its input's layout (MaxPool). Fwd+bwd: 1.44x the
+        # (AxisConv3d) and the pool hands its gradient back in its input's layout (MaxPool). Fwd+bwd: 1.48x the
         # reference's on this project's CPU box (2026-11-30, bench/results/vs_reference.json), 1.42x on an H100
         # before those two (gpu.md; they act on CPU only). The first
         # layer (one input channel) is channels-last on CPU (AxisConv3d's matmul); elsewhere a plain Conv3d whose
