@@ -131,9 +131,9 @@ class DecompConv3d(nn.Module):
 
 class _ToChannelsLast(torch.autograd.Function):
     """x -> channels-last 3-D (the stem's first output off the CPU), with its gradient returned plain, in the layout
-    of the plain layer before it: given a
-    plain input and a channels-last gradient, torch's CPU BatchNorm takes a generic path (forward and backward at the
-    stem's 64x8x64x64: 18.9 ms against 4.3 with both in one layout; 2026-11-30, torch 2.13, this project's CPU box)."""
+    of the plain layer before it: given a plain input and a channels-last gradient, torch's CPU BatchNorm takes a
+    generic path (forward and backward at the stem's 64x8x64x64: 18.9 ms against 4.3 with both in one layout;
+    2026-11-30, torch 2.13, this project's CPU box)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -247,13 +247,12 @@ class DCFormer(nn.Module):
         # channels-last too, set in __init__; DeepSpeed needs them plain, train/loop.py). The stem's activations are
         # channels-last; a 1x1x1 or depthwise weight is both layouts at once, so from the first downsampling on torch
         # picks a layout by shape (plain at 1x32x256x256, channels-last at the paper's 2x128x256x256; forcing
-        # channels-last measured no faster). On CPU the depthwise mixers run as 2-D convolutions from either layout
-        # (AxisConv3d) and the pool hands its gradient back in its input's layout (MaxPool). Fwd+bwd: 1.48x the
-        # reference's on this project's CPU box (2026-11-30, bench/results/vs_reference.json), 1.42x on an H100
-        # before those two (gpu.md; they act on CPU only). The first
-        # layer (one input channel) is channels-last on CPU (AxisConv3d's matmul); elsewhere a plain Conv3d whose
-        # output is copied to channels-last (torch 2.13's oneDNN corrupts the heap for a channels-last 1->C strided
-        # Conv3d at batch > 1, so its weight stays plain).
+        # channels-last measured no faster). On CPU, AxisConv3d runs the 1-D convolutions as 2-D ones on a view and
+        # the first layer (one input channel) as a matmul with a channels-last output, and the pool hands its
+        # gradient back in its input's layout (MaxPool). Fwd+bwd: 1.48x the reference's on this project's CPU box
+        # (2026-11-30, bench/results/vs_reference.json), 1.42x on an H100 before these CPU paths (gpu.md). Off the
+        # CPU the first layer is a plain Conv3d whose output is copied to channels-last (torch 2.13's oneDNN corrupts
+        # the heap for a channels-last 1->C strided Conv3d at batch > 1, so its weight stays plain).
         x = self.stem(x)
         feats = [x]
         for stage in self.stages:
