@@ -74,8 +74,12 @@ class AxisConv3d(nn.Conv3d):
         pad = [0] * 6
         pad[2 * (2 - a)] = pad[2 * (2 - a) + 1] = self.padding[a]
         taps = F.pad(v, pad).unfold(1 + a, k, s[a])  # (N, D', H', W', k)
-        y = F.linear(taps, self.weight.reshape(self.out_channels, k), self.bias)  # (N, D', H', W', C)
-        return y.permute(0, 4, 1, 2, 3)
+        rows = taps.reshape(-1, k)
+        # the weight as a contiguous (k, C): autograd then takes its gradient as rows^T @ grad, (k, P) x (P, C); for
+        # the (C, k) weight of F.linear it takes (C, P) x (P, k), 6x slower on CPU (4.2 against 0.7 ms at 64 x 32768)
+        w = self.weight.reshape(self.out_channels, k).t().contiguous()
+        y = rows @ w if self.bias is None else torch.addmm(self.bias, rows, w)
+        return y.view(*taps.shape[:-1], self.out_channels).permute(0, 4, 1, 2, 3)  # (N, C, D', H', W'), CL
 
     def _conv2d(self, view: torch.Tensor, weight: torch.Tensor, bias, kernel: tuple[int, int],
                 groups: int | None = None) -> torch.Tensor:
