@@ -27,7 +27,6 @@ import argparse
 import importlib.util
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -87,7 +86,6 @@ def deepspeed_engine(model):
     # the 0-dim float64 t_prime and bias its DEC_CLIP makes from numpy scalars.
     deepspeed.runtime.engine.DeepSpeedEngine._broadcast_model = lambda self: None
     engine, *_ = deepspeed.initialize(model=model, optimizer=cls(groups, **kwargs), config=hf.config)
-    print("DEEPSPEED_CONFIG", json.dumps(hf.config), flush=True)
     return engine
 
 
@@ -180,17 +178,11 @@ def reference_code(a, vs, code: Path) -> Path:
     return code
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_theirs(a, vs, engine: str, code: Path, data_root: Path, cap: Path, text: Path) -> list[float]:
     d, h, w = a.shape
     args = {"threads": a.threads, "text": str(text), "data_root": str(data_root), "cap": str(cap), "batch": a.batch,
             "workers": a.threads, "steps": a.steps, "input_size": [h, w, d], "bf16": a.bf16, "engine": engine,
-            "zero2": vs.read_from(a.med3dvlm, "scripts/zero2.json"), "port": free_port(),
+            "zero2": vs.read_from(a.med3dvlm, "scripts/zero2.json"), "port": load_bench("serve").free_port(),
             "out": str(code / "trainer-out")}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code), a.ref_path]))}
     r = subprocess.run([sys.executable, "-c", THEIR_LOOP, json.dumps(args)], cwd=code, env=env, capture_output=True,

@@ -254,10 +254,11 @@ class DCFormer(nn.Module):
         # picks a layout by shape (plain at 1x32x256x256, channels-last at the paper's 2x128x256x256; forcing
         # channels-last measured no faster). On CPU, AxisConv3d runs the 1-D convolutions as 2-D ones on a view and
         # the first layer (one input channel) as a matmul with a channels-last output, and the pool hands its
-        # gradient back in its input's layout (MaxPool). Fwd+bwd: 1.48x the reference's on this project's CPU box
-        # (2026-11-30, bench/results/vs_reference.json), 1.42x on an H100 before these CPU paths (gpu.md). Off the
-        # CPU the first layer is a plain Conv3d whose output is copied to channels-last (torch 2.13's oneDNN corrupts
-        # the heap for a channels-last 1->C strided Conv3d at batch > 1, so its weight stays plain).
+        # gradient back in its input's layout (MaxPool). Fwd+bwd: 1.31-1.48x the reference's on 2-core CPU boxes,
+        # by machine and hour (2026-11-30, bench/results/vs_reference.json), 1.42x on an H100 before these CPU paths
+        # (gpu.md). Off the CPU the first layer is a plain Conv3d whose output is copied to channels-last (torch
+        # 2.13's oneDNN corrupts the heap for a channels-last 1->C strided Conv3d at batch > 1, so its weight stays
+        # plain).
         x = self.stem(x)
         feats = [x]
         for stage in self.stages:
