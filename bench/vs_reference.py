@@ -118,6 +118,27 @@ def step_time(model, x, steps: int, bf16: bool = False) -> float:
     return (time.perf_counter() - t) / steps
 
 
+def step_flops(model, x) -> float:
+    """Work of one forward+backward: 3x the forward's floating-point operations as torch's FlopCounterMode counts
+    them (convolutions and matmuls; the usual estimate, the backward costing two forwards). Its count of the backward
+    itself is not used: it ignores `groups` there, so a depthwise convolution's gradient counts as a dense one's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x)
+    return 3.0 * fc.get_total_flops()
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
+    """This machine's matmul rate (FLOP/s) at n x n x n in `dtype`: the ceiling a convolution-bound step can reach."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
 def encoder_rows(a) -> dict:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -129,6 +150,8 @@ def encoder_rows(a) -> dict:
         x = torch.rand(1, 1, *a.shape)
         diff = same_math(ref, ours, x)
         n_params = sum(p.numel() for p in ours.parameters())
+        flops = {"reference": step_flops(ref, x), "ours": step_flops(ours, x)}
+        peak = {"float32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
         compiled = torch.compile(ours)  # inductor's C++ kernels; same math (float rounding aside)
         step_time(compiled, x, 1)  # compiles forward and backward (tens of seconds), outside the timing
         times = {"reference": [], "ours": [], "ours_bf16": [], "ours_compiled": []}
@@ -144,10 +167,15 @@ def encoder_rows(a) -> dict:
     print(f"DCFormer-small ({n_params / 1e6:.3f} M parameters) forward+backward, batch 1, 1x{'x'.join(map(str, a.shape))}, "
           f"{a.threads} threads, torch {torch.__version__}, median of {a.rounds} interleaved rounds x {a.steps} steps; "
           f"the reference's weights loaded into ours give the same tokens within {diff:.1e} (float32)")
-    print("| model | samples/s | x reference |\n|---|--:|--:|")
-    for name, sec in rows:
-        print(f"| {name} | {1 / sec:.3f} | {med['reference'] / sec:.2f} |")
+    print(f"work per step: {flops['reference'] / 1e9:.1f} GFLOP the reference, {flops['ours'] / 1e9:.1f} ours "
+          f"(3x the forward's, FlopCounterMode); this machine's {4096}^3 matmul: {peak['float32'] / 1e9:.0f} GFLOP/s float32, "
+          f"{peak['bf16'] / 1e9:.0f} bf16")
+    print("| model | samples/s | x reference | GFLOP/s | of the matmul peak |\n|---|--:|--:|--:|--:|")
+    for (name, sec), dt in zip(rows, ("float32", "float32", "bf16", "float32")):
+        rate = flops["ours" if name.startswith("ours") else "reference"] / sec
+        print(f"| {name} | {1 / sec:.3f} | {med['reference'] / sec:.2f} | {rate / 1e9:.0f} | {rate / peak[dt]:.0%} |")
     return {"threads": a.threads, "shape": list(a.shape), "max_abs_diff_same_weights": diff, "seconds_per_step": times,
+            "flops_per_step": flops, "matmul_peak_flops": peak,
             "samples_per_s": {k: 1 / v for k, v in med.items()},
             "ratio_vs_reference": {k: med["reference"] / v for k, v in med.items()}}
 
