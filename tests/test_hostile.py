@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from med3dvlm.data.manifest import build_manifest
+from med3dvlm.data.manifest import ManifestError, build_manifest
 from med3dvlm.io import VolumeError, read_slice_folder, read_upload
 from uploads import dicom_zip, hostile_uploads, nifti_bytes, npy_bytes, png, png_zip, volume, zip_of
 
@@ -198,6 +198,39 @@ def test_malformed_vqa_rows_are_quarantined_one_by_one(tmp_path):
     reasons = " | ".join(q["reason"] for q in quarantine)
     for words in ("Question Type 300 is not one of 1-5", "missing Choice A", "'x' is not an integer", "extra fields"):
         assert words in reasons
+
+
+def test_report_rows_without_a_usable_image_or_report_are_quarantined_one_by_one(tmp_path):
+    """reports.json rows a file system cannot name (a NUL byte; a part over POSIX's NAME_MAX of 255 bytes), rows with
+    no image, or a report that is not text: each quarantined with its reason, the good row kept, nothing raised."""
+    raw = _generic(tmp_path, "")
+    (raw / "reports.csv").unlink()
+    rows = [{"image": "ok.npy", "report": "fine", "case_id": "a"}, {"report": "no image"}, {"image": 7, "report": "x"},
+            {"image": "ok.npy", "report": ["a", "list"]}, {"image": "sub\x00dir/ok.npy", "report": "x"},
+            {"image": "x" * 300 + ".npy", "report": "x"}]
+    (raw / "reports.json").write_text(json.dumps(rows))
+    items, _ = build_manifest(raw)
+    errors = [it.error for it in items]
+    assert len(items) == len(rows) and errors[0] is None
+    for error, words in zip(errors[1:], ["row 2: no image path", "('image' is a int)", "the report is a list",
+                                         "NUL byte", "longer than a file name can be"]):
+        assert error and words in error, (words, error)
+    assert all(len(e) < 400 and "\x00" not in e for e in errors[1:])  # printable, bounded
+
+
+def test_m3d_entries_whose_paths_no_file_system_can_hold_are_quarantined(tmp_path):
+    raw = _m3d(tmp_path, b"findings: a normal liver.", [
+        {"image": "M3D_Cap_npy/ct_case/0\x00/Axial.npy", "text": "M3D_Cap_npy/ct_case/000001/text.txt"},
+        {"image": "M3D_Cap_npy/ct_case/000002/Axial.npy", "text": "M3D_Cap_npy/ct_case/" + "y" * 256 + "/text.txt"}])
+    items, _ = build_manifest(raw)
+    errors = sorted(it.error or "" for it in items)
+    assert errors[0] == "" and "NUL byte" in errors[2] and "longer than a file name can be" in errors[1], errors
+
+
+def test_a_csv_field_over_the_csv_limit_stops_the_run_naming_the_file(tmp_path):
+    raw = _generic(tmp_path, "ok.npy," + "z" * 200_000 + ",a\n")
+    with pytest.raises(ManifestError, match=r"reports\.csv: line 2: not readable as CSV"):
+        build_manifest(raw)
 
 
 def test_a_series_mixing_8_and_16_bit_slices_is_refused(tmp_path):

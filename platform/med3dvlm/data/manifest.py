@@ -119,6 +119,31 @@ def _strip_ext(path: str) -> str:
     return path
 
 
+def path_problem(rel: str) -> str | None:
+    """Why a path a manifest names cannot name a file at all, found from the text before the OS is asked (which
+    answers a NUL byte or an over-long name with an exception, not with a miss); None when it can."""
+    if "\x00" in rel:
+        return "the path holds a NUL byte"
+    if len(rel.encode()) > 4095 or any(len(part.encode()) > 255 for part in rel.split("/")):
+        return "the path is longer than a file name can be (255 bytes a part, 4095 in all)"
+    return None
+
+
+def shown(path) -> str:
+    """A path as a message shows it: NUL bytes visible, cut after 200 characters."""
+    text = str(path).replace("\x00", "\\x00")
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _read_csv(path) -> tuple[list[str], list[dict]]:
+    """A CSV file's header and rows; one the csv module cannot read (a field over its 128 KiB limit) stops the run."""
+    reader = csv.DictReader(_text_lines(path))
+    try:
+        return list(reader.fieldnames or []), list(reader)
+    except csv.Error as e:
+        raise ManifestError(f"{path}: line {reader.line_num + 1}: not readable as CSV ({e})") from None
+
+
 def is_m3d_layout(raw: Path) -> bool:
     return (raw / "M3D_Cap.json").is_file() or (raw / "M3D_Cap").is_dir()
 
@@ -205,9 +230,12 @@ def _m3d_items(raw: Path) -> list[Item]:
                     continue
                 parts = key.split("/")
                 case_id = "/".join(parts[-3:-1]) if len(parts) >= 3 else parts[0]
-                source, why = _m3d_resolve(raw, e["image"])
+                bad = path_problem(e["image"]) or path_problem(e["text"])
+                source, why = (None, None) if bad else _m3d_resolve(raw, e["image"])
                 it = Item(stable_id(key), case_id, parts[-1], split, str(source or raw / e["image"]), key)
-                if source is None:
+                if bad:
+                    it.error = f"{shown(raw / e['image'])}: {bad} (M3D_Cap.json '{split}')"
+                elif source is None:
                     it.error = why or f"{raw / e['image']}: image does not exist (listed in M3D_Cap.json '{split}')"
                 else:
                     it.report, err = _read_report(raw, e["text"], cache)
@@ -232,9 +260,7 @@ def _m3d_items(raw: Path) -> list[Item]:
 def _generic_items(raw: Path) -> list[Item]:
     if (raw / "reports.csv").is_file():
         path = raw / "reports.csv"
-        reader = csv.DictReader(_text_lines(path))
-        cols = reader.fieldnames or []
-        rows = list(reader)
+        cols, rows = _read_csv(path)
     elif (raw / "reports.json").is_file():
         path = raw / "reports.json"
         try:
@@ -249,20 +275,30 @@ def _generic_items(raw: Path) -> list[Item]:
     missing = [c for c in ("image", "report") if c not in cols]
     if missing:
         raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
-    items = []
-    for i, r in enumerate(rows):
-        key = str(r["image"])
-        src = raw / key
-        case_id = str(r.get("case_id") or Path(key).parent.as_posix() or key)
-        it = Item(stable_id(key), case_id, Path(_strip_ext(key)).name, str(r.get("split") or ""), str(src), key, str(r["report"] or ""))
-        if outside_root(raw, src):
-            it.error = f"{outside_root(raw, src)} ({path.name} row {i + 1})"
-        elif not src.exists():
-            it.error = f"{src}: image does not exist ({path.name} row {i + 1})"
-        elif not it.report.strip():
-            it.error = f"{src}: empty report ({path.name} row {i + 1})"
-        items.append(it)
-    return items
+    return [_generic_item(raw, f"{path.name} row {i + 1}", r) for i, r in enumerate(rows)]
+
+
+def _generic_item(raw: Path, where: str, r: dict) -> Item:
+    """One reports.csv/json row -> an Item; a row whose image or report is unusable is quarantined with the reason."""
+    image, report = r.get("image"), r.get("report")
+    key = image if isinstance(image, str) and image else where
+    src = raw / key
+    case_id = str(r.get("case_id") or Path(key).parent.as_posix() or key)
+    it = Item(stable_id(key), case_id, Path(_strip_ext(key)).name, str(r.get("split") or ""), str(src), key,
+              report if isinstance(report, str) else "")
+    if not isinstance(image, str) or not image:
+        it.error = f"{where}: no image path" + ("" if image in (None, "") else f" ('image' is a {type(image).__name__})")
+    elif report is not None and not isinstance(report, str):
+        it.error = f"{shown(src)}: the report is a {type(report).__name__}, not text ({where})"
+    elif path_problem(image):
+        it.error = f"{shown(src)}: {path_problem(image)} ({where})"
+    elif outside_root(raw, src):
+        it.error = f"{outside_root(raw, src)} ({where})"
+    elif not src.exists():
+        it.error = f"{src}: image does not exist ({where})"
+    elif not it.report.strip():
+        it.error = f"{src}: empty report ({where})"
+    return it
 
 
 def qa_entry(row: dict, qsplit: str) -> tuple[dict | None, str | None]:
@@ -292,11 +328,11 @@ def _attach_vqa(raw: Path, items: list[Item]) -> list[dict]:
         path = raw / name
         if not path.is_file():
             continue
-        reader = csv.DictReader(_text_lines(path))
-        missing = [c for c in VQA_COLUMNS if c not in (reader.fieldnames or [])]
+        cols, rows = _read_csv(path)
+        missing = [c for c in VQA_COLUMNS if c not in cols]
         if missing:
             raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
-        for line, row in enumerate(reader, start=2):
+        for line, row in enumerate(rows, start=2):
             q, why = qa_entry(row, qsplit)
             it = by_key.get(_strip_ext(str(row.get("Image Path") or "")))
             if q is not None and it is None:
