@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 
@@ -27,6 +28,40 @@ def test_bad_overrides_name_the_key(bad):
     with pytest.raises(ValueError) as e:
         load_config("tiny", [bad])
     assert bad.split("=")[0].split(".")[-1] in str(e.value) or "key=value" in str(e.value)
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["train.stage1.lr=["], "train.stage1.lr=[': the value is not valid YAML"),  # PyYAML's parser refuses it
+    (["train.stage1.lr=\x07"], "not valid YAML"),  # a control character YAML does not allow
+    (["train=1", "train.stage1.lr=2"], "sets a key inside 'train'"),
+    (["train=[1]", "train.seed=2"], "sets a key inside 'train'"),
+])
+def test_overrides_that_are_not_yaml_or_collide_are_refused_on_one_line(overrides, words):
+    with pytest.raises(ValueError, match=re.escape(words)) as e:
+        load_config("tiny", overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_config_files_that_are_not_yaml_or_name_no_preset_are_refused_on_one_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  lr: [\n")
+    (tmp_path / "b.yaml").write_text("base: {paper: 1}\n")
+    for name, words in (("a.yaml", "not valid YAML"), ("b.yaml", "unknown base preset")):
+        with pytest.raises(ValueError, match=words) as e:
+            load_config(str(tmp_path / name))
+        assert "\n" not in str(e.value)
+
+
+def test_evaluation_settings_that_are_not_yaml_are_refused_on_one_line(tmp_path):
+    from med3dvlm.runtime import UserError
+    from pipelines.evaluate import parse_args
+
+    (tmp_path / "e.yaml").write_text("limit: [\n")
+    base = ["--task", "report", "--model", "m", "--shards", "s", "--out", "o"]
+    for extra, words in ((["limit=["], "override 'limit=[': the value is not valid YAML"),
+                         (["--config", str(tmp_path / "e.yaml")], "cannot read")):
+        with pytest.raises(UserError, match=re.escape(words)) as e:
+            parse_args(base + extra)
+        assert "\n" not in str(e.value)
 
 
 def test_yaml_file_round_trip(tmp_path):

@@ -266,6 +266,11 @@ def _from_dict(cls, data: dict, prefix: str = "", base=None):
     return obj
 
 
+def yaml_error_line(e: Exception) -> str:
+    """A YAML error's text on one line (PyYAML's spans several, with a caret under the column)."""
+    return " ".join(str(e).replace("^", "").split())
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply `a.b.c=value` strings; values are parsed as YAML (numbers, booleans, lists)."""
     nested: dict = {}
@@ -273,11 +278,17 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         if "=" not in item:
             raise ValueError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"override '{item}': the value is not valid YAML ({yaml_error_line(e)})") from None
         node = nested
         parts = key.strip().split(".")
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override '{item}' sets a key inside '{p}', which another override sets to {child!r}")
+            node = child
         node[parts[-1]] = value
     return _from_dict(Config, nested, base=cfg)
 
@@ -295,11 +306,11 @@ def load_config(name_or_path: str | Config = "tiny", overrides: list[str] | None
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"config file {path}: not valid YAML: {e}") from None
+            raise ValueError(f"config file {path}: not valid YAML: {yaml_error_line(e)}") from None
         if not isinstance(data, dict):
             raise ValueError(f"config file {path}: expected a mapping at the top level")
         base = data.pop("base", "paper")
-        if base not in PRESETS:
+        if not isinstance(base, str) or base not in PRESETS:
             raise ValueError(f"config file {path}: unknown base preset '{base}'")
         cfg = _from_dict(Config, data, base=PRESETS[base]())
     return apply_overrides(cfg, overrides or [])

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from med3dvlm import storage
+from med3dvlm.config import yaml_error_line
 from med3dvlm.eval.results import CSV_COLUMNS, PAPER, SampleWriter, aggregate_closed, aggregate_text, done_keys, \
     markdown, read_rows
 from med3dvlm.models.export import CLIP, VLM, ExportError, read_meta
@@ -79,14 +80,17 @@ def eval_settings(config: str | None, overrides: list[str], flags: dict, default
         try:
             settings = yaml.safe_load(storage.read_text(config)) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"--config {config}: cannot read ({e})") from None
+            raise UserError(f"--config {config}: cannot read ({yaml_error_line(e)})") from None
         if not isinstance(settings, dict):
             raise UserError(f"--config {config}: expected a mapping of settings")
     for o in overrides:
         key, eq, value = o.partition("=")
         if not eq:
             raise UserError(f"override {o!r}: expected key=value")
-        settings[key.strip()] = yaml.safe_load(value)
+        try:
+            settings[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"override {o!r}: the value is not valid YAML ({yaml_error_line(e)})") from None
     for k in settings:
         if k not in flags:
             near = difflib.get_close_matches(k, list(flags), n=1)
