@@ -39,6 +39,36 @@ APP_ARGS = {"model", "clip", "index", "index_split", "index_split_field", "confi
             "ingress_replicas", *AUTOSCALE_ARGS}
 
 
+NUMBERS = {"max_upload_mb": (float, 0.001), "cache_size": (int, 1), "replica_cpus": (float, 0.001),  # name ->
+           "gpus_per_replica": (float, 0.001), "replicas": (int, 1), "ingress_replicas": (int, 1),  # (type, least)
+           **{k: (float, 0.0) for k in AUTOSCALE_ARGS}}
+
+
+def check_args(args: dict) -> None:
+    """Refuse, before anything is built and naming the argument: an unknown name, a number that is not one (or not
+    finite, or below its least value), a device other than cpu / cuda[:N], a dtype other than the three."""
+    import math
+    import re
+
+    unknown = sorted(set(args) - APP_ARGS)
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)}; the app takes {', '.join(sorted(APP_ARGS))}")
+    for key, (kind, least) in NUMBERS.items():
+        if args.get(key) is None:
+            continue
+        try:
+            value = float(args[key]) if kind is float else int(str(args[key]).strip())
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < least:
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(f"{key}={args[key]!r}: expects {what} of at least {least:g}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(args.get("device", "cpu"))):
+        raise ValueError(f"device={args['device']!r}: cpu or cuda (cuda:N for one GPU)")
+    if args.get("dtype") not in (None, "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={args['dtype']!r}: float32, bfloat16 or float16")
+
+
 def data_settings(meta: dict, config: str | None) -> dict:
     """How uploads are preprocessed: as the export records its training data, or (older exports) from `config`."""
     from med3dvlm.config import load_config
@@ -56,9 +86,7 @@ def build_app(args: dict) -> serve.Application:
     from med3dvlm.runtime import apply_env_defaults
 
     apply_env_defaults()
-    unknown = sorted(set(args) - APP_ARGS)
-    if unknown:
-        raise ValueError(f"unknown argument(s) {', '.join(unknown)}; the app takes {', '.join(sorted(APP_ARGS))}")
+    check_args(args)
     model = args.get("model")
     if not model:
         raise ValueError("model=DIR: give a stage-2/3 export directory or URI")
@@ -72,8 +100,6 @@ def build_app(args: dict) -> serve.Application:
     max_bytes = int(float(args.get("max_upload_mb", 256)) * (1 << 20))
     token = args.get("token") or os.environ.get("MED3DVLM_SERVE_TOKEN") or None
     device, dtype = args.get("device", "cpu"), args.get("dtype")
-    if dtype not in (None, "float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype={dtype}: float32, bfloat16 or float16")
     deps = {d.name: d for d in (Api, Preprocessor, Encoder, Generator) + ((Retriever,) if clip else ())}
     deps = place(deps, args, device, cluster_resources())
     info = {"path": str(model), "encoder": meta["model"]["encoder"], "input_shape": meta["input_shape"],

@@ -49,6 +49,21 @@ def post(base, path, files=None, data=None, headers=None, timeout=120):
                          timeout=timeout)
 
 
+@pytest.mark.parametrize("bad,words", [
+    ({"modle": "x"}, "unknown argument(s) modle"), ({"replicas": "two"}, "replicas='two': expects a whole number"),
+    ({"replicas": "0"}, "replicas='0'"), ({"max_upload_mb": "inf"}, "max_upload_mb='inf'"),
+    ({"cache_size": "-5"}, "cache_size='-5'"), ({"replica_cpus": "nan"}, "replica_cpus='nan'"),
+    ({"upscale_delay_s": "soon"}, "upscale_delay_s='soon'"), ({"device": "gpu"}, "device='gpu': cpu or cuda"),
+    ({"dtype": "fp8"}, "dtype='fp8'"),
+])
+def test_bad_app_arguments_are_refused_naming_the_argument(bad, words):
+    """Before any export is read or replica placed (the model path here does not exist)."""
+    from serve.app import build_app
+
+    with pytest.raises(ValueError, match=re.escape(words)):
+        build_app({"model": "/no/such/export", **bad})
+
+
 def test_health_docs_and_page(served):
     h = requests.get(served + "/healthz", timeout=30).json()
     assert h["status"] == "ok" and h["retrieval"] is True and h["model"]["encoder"] == "nano"
