@@ -82,7 +82,7 @@ def data_settings(meta: dict, config: str | None) -> dict:
 def build_app(args: dict) -> serve.Application:
     """`serve run med3dvlm.serve.app:build_app model=DIR [clip=DIR index=SHARDS] [token=...] ...`"""
     from med3dvlm import storage
-    from med3dvlm.models.export import CLIP, VLM, read_meta
+    from med3dvlm.models.export import CLIP, VLM, check_tensors, read_meta
     from med3dvlm.runtime import apply_env_defaults
 
     apply_env_defaults()
@@ -92,11 +92,13 @@ def build_app(args: dict) -> serve.Application:
         raise ValueError("model=DIR: give a stage-2/3 export directory or URI")
     model = storage.absolute(model)
     meta = read_meta(model, VLM)
+    check_tensors(model)
     clip, index = [storage.absolute(args[k]) if args.get(k) else None for k in ("clip", "index")]
     if bool(clip) != bool(index):
         raise ValueError("retrieval needs both clip=DIR (stage-1 export) and index=SHARDS")
     if clip:
         read_meta(clip, CLIP)
+        check_tensors(clip)
     max_bytes = int(float(args.get("max_upload_mb", 256)) * (1 << 20))
     token = args.get("token") or os.environ.get("MED3DVLM_SERVE_TOKEN") or None
     device, dtype = args.get("device", "cpu"), args.get("dtype")

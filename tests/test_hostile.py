@@ -4,6 +4,7 @@ manifests point outside the data root, carry broken text or malformed VQA rows."
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import zipfile
@@ -231,6 +232,36 @@ def test_a_csv_field_over_the_csv_limit_stops_the_run_naming_the_file(tmp_path):
     raw = _generic(tmp_path, "ok.npy," + "z" * 200_000 + ",a\n")
     with pytest.raises(ManifestError, match=r"reports\.csv: line 2: not readable as CSV"):
         build_manifest(raw)
+
+
+def test_exports_with_a_broken_config_or_tensor_file_are_refused_naming_the_file(tmp_path):
+    """The safetensors file is written by the safetensors library itself, then cut or emptied; a cut in the header
+    and a cut in the data are told apart, as the format's layout (8-byte header length, JSON header, data) allows."""
+    import torch
+    from safetensors.torch import save_file
+
+    from med3dvlm.models.export import ExportError, check_tensors, read_meta
+
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "config.json").write_text(json.dumps({"kind": "vlm", "model": {"encoder": "nano"}}))
+    save_file({"a": torch.zeros(64, 64), "b": torch.ones(3)}, str(good / "model.safetensors"))
+    assert read_meta(good, "vlm")["model"]["encoder"] == "nano"
+    check_tensors(good)
+    data = (good / "model.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    cases = [("config.json", "{", "config.json: not valid JSON"), ("config.json", "[1]", "no 'model' settings"),
+             ("model.safetensors", data[: 8 + n + 100], "model.safetensors: cut short"),
+             ("model.safetensors", data[: 8 + n // 2], "model.safetensors: not a safetensors file"),
+             ("model.safetensors", b"", "not a safetensors file"),
+             ("model.safetensors", b"\xff" * 8 + data[8:], "not a safetensors file")]
+    for i, (name, content, words) in enumerate(cases):
+        bad = tmp_path / f"bad{i}"
+        shutil.copytree(good, bad)
+        (bad / name).write_bytes(content.encode() if isinstance(content, str) else content)
+        with pytest.raises(ExportError, match=re.escape(words)):
+            read_meta(bad, "vlm")
+            check_tensors(bad)
 
 
 def test_a_series_mixing_8_and_16_bit_slices_is_refused(tmp_path):

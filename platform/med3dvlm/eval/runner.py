@@ -14,7 +14,7 @@ from med3dvlm import storage
 from med3dvlm.config import yaml_error_line
 from med3dvlm.eval.results import CSV_COLUMNS, PAPER, SampleWriter, aggregate_closed, aggregate_text, done_keys, \
     markdown, read_rows
-from med3dvlm.models.export import CLIP, VLM, ExportError, read_meta
+from med3dvlm.models.export import CLIP, VLM, ExportError, check_tensors, read_meta
 from med3dvlm.runtime import UserError, init_ray, write_run_json
 
 KIND_FOR_TASK = {"retrieval": CLIP, "report": VLM, "vqa-closed": VLM, "vqa-open": VLM}
@@ -125,6 +125,7 @@ def check_inputs(ec: EvalConfig) -> int:
 
     try:
         read_meta(ec.model, KIND_FOR_TASK[ec.task])
+        check_tensors(ec.model)
     except ExportError as e:
         raise UserError(f"--model {e}; --task {ec.task} needs it") from None
     shard_files(ec.shards)

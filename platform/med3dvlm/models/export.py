@@ -36,11 +36,38 @@ def read_meta(loc: str | Path, kind: str | tuple[str, ...] | None = None) -> dic
     f = storage.join(loc, "config.json")
     if not storage.is_file(f):
         raise ExportError(f"{loc}: not an exported model directory (no config.json)")
-    meta = json.loads(storage.read_text(f))
+    try:
+        meta = json.loads(storage.read_text(f))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise ExportError(f"{f}: not an export's config.json (no 'model' settings)")
     kinds = (kind,) if isinstance(kind, str) else kind
     if kinds and meta.get("kind") not in kinds:
         raise ExportError(f"{loc}: holds a {meta.get('kind')!r} model; expected {' or '.join(WHAT[k] for k in kinds)}")
     return meta
+
+
+def check_tensors(loc: str | Path) -> None:
+    """The export's `model.safetensors` is there and whole, read as the format specifies (8 bytes: the JSON header's
+    length N, little-endian; N bytes of JSON; then the data, each tensor at its `data_offsets` from the data's start)
+    from its first bytes only, so a bucket's file is not copied; else ExportError naming the file."""
+    f = storage.join(loc, "model.safetensors")
+    if not storage.is_file(f):
+        raise ExportError(f"{loc}: no model.safetensors")
+    fs, path = storage.resolve(f)
+    size = fs.get_file_info(path).size
+    with fs.open_input_file(path) as h:
+        n = int.from_bytes(h.read(8), "little") if size >= 8 else -1
+        if not 2 <= n <= min(size - 8, 100 << 20):  # 100 MB: the safetensors library's own limit on the header
+            raise ExportError(f"{f}: not a safetensors file ({size} bytes; header length {n})")
+        try:
+            header = json.loads(h.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise ExportError(f"{f}: not a safetensors file (its header: {e!r})") from None
+    if 8 + n + end > size:
+        raise ExportError(f"{f}: cut short: {size} bytes where its header places data up to byte {8 + n + end}")
 
 
 def write_meta(path: Path, kind: str, model_cfg: dict, data: dict | None = None, **extra) -> None:

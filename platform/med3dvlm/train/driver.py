@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from med3dvlm import storage
-from med3dvlm.models.export import CLIP, VLM, ExportError, read_meta
+from med3dvlm.models.export import CLIP, VLM, ExportError, check_tensors, read_meta
 from med3dvlm.runtime import UserError, allocator_env, init_ray, log_level, sha256_json, write_run_json
 from med3dvlm.train.datasets import StageData, count_samples, count_validation
 
@@ -54,6 +54,7 @@ def check_init(cfg, stage: int, init: str | None) -> None:
         return
     try:
         meta = read_meta(init, CLIP if stage <= 2 else VLM)
+        check_tensors(init)
     except ExportError as e:
         raise UserError(f"--init {e}; stage {stage} needs the export of stage {max(stage - 1, 1)}") from None
     if meta["model"]["encoder"] != cfg.model.encoder:
