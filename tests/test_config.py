@@ -64,6 +64,34 @@ def test_evaluation_settings_that_are_not_yaml_are_refused_on_one_line(tmp_path)
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("extra,words", [
+    (["--batch-size", "0"], "--batch-size 0: expects a whole number of at least 1"),
+    (["--replicas", "-1"], "--replicas -1"), (["--cpus-per-replica", "nan"], "--cpus-per-replica nan"),
+    (["--top-p", "1.5"], "at most 1"), (["--repetition-penalty", "inf"], "--repetition-penalty inf"),
+    (["--limit", "0"], "--limit 0"), (["--n", "100,-5"], "--n -5"), (["batch_size=abc"], "--batch-size 'abc'"),
+    (["limit=2.5"], "--limit 2.5: expects a whole number"), (["replicas=true"], "--replicas True"),
+    (["--max-new-tokens", "5000"], "at most 4096"),
+])
+def test_evaluation_numbers_out_of_range_or_of_the_wrong_type_are_refused(extra, words):
+    from med3dvlm.runtime import UserError
+    from pipelines.evaluate import parse_args
+
+    with pytest.raises(UserError, match=re.escape(words)):
+        parse_args(["--task", "report", "--model", "m", "--shards", "s", "--out", "o", *extra])
+
+
+@pytest.mark.parametrize("override,words", [
+    ("train.stage1.batch_size=0", "'train.stage1.batch_size' is 0; it must be at least 1"),
+    ("train.num_workers=0", "'train.num_workers' is 0"), ("data.shape=[0,64,64]", "'data.shape' is (0, 64, 64)"),
+    ("train.stage2.lr=-1e-4", "'train.stage2.lr' is -0.0001; it must be above 0"),
+    ("train.stage1.lr=.nan", "'train.stage1.lr' is nan"), ("train.zero_stage=4", "at least 0 and at most 3"),
+    ("train.stage3.warmup_ratio=1.5", "'train.stage3.warmup_ratio'"), ("train.cpus_per_worker=0", "above 0"),
+])
+def test_numbers_a_run_cannot_start_with_are_refused_naming_the_key(override, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        load_config("tiny", [override])
+
+
 def test_yaml_file_round_trip(tmp_path):
     cfg = load_config("tiny", ["model.embed_dim=32"])
     path = tmp_path / "c.yaml"

@@ -293,6 +293,37 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return _from_dict(Config, nested, base=cfg)
 
 
+ABOVE_0 = 0.0  # a least bound that the value must exceed, not reach
+BOUNDS = {  # dotted key -> (least, most): the numbers a run cannot start with outside these (None: no bound)
+    "data.shape": (1, 4096), "data.rows_per_shard": (1, None), "data.row_group_size": (1, None),
+    "data.max_file_bytes": (1, None), "model.embed_dim": (1, None), "model.text_max_len": (1, None),
+    "model.image_tokens": (2, None), "model.max_len": (1, None), "train.num_workers": (1, None),
+    "train.cpus_per_worker": (ABOVE_0, None), "train.zero_stage": (0, 3), "train.checkpoint_every": (0, None),
+    "train.keep_checkpoints": (1, None), "train.log_every": (0, None), "train.log_seconds": (0, None),
+    "train.max_failures": (-1, None), "train.shuffle_buffer": (0, None), "train.max_train_volumes": (0, None),
+    "train.precise_bn_batches": (0, None),
+    **{f"train.stage{n}.{k}": b for n in (1, 2, 3) for k, b in {
+        "batch_size": (1, None), "lr": (ABOVE_0, None), "weight_decay": (0, None), "epochs": (ABOVE_0, None),
+        "max_steps": (0, None), "warmup_ratio": (0, 1), "grad_clip": (0, None), "text_lr_scale": (0, None)}.items()},
+}
+
+
+def check_bounds(cfg: Config) -> Config:
+    """Every number of `BOUNDS` finite and within its bounds (each of a tuple's), else ValueError naming the key."""
+    for key, (least, most) in BOUNDS.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        above = least is ABOVE_0
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            low = v <= least if above else least is not None and v < least
+            if not math.isfinite(v) or low or (most is not None and v > most):
+                bounds = " and ".join(b for b in ("above 0" if above else least is not None and f"at least {least:g}",
+                                                   most is not None and f"at most {most:g}") if b)
+                raise ValueError(f"config key '{key}' is {value!r}; it must be {bounds}")
+    return cfg
+
+
 def load_config(name_or_path: str | Config = "tiny", overrides: list[str] | None = None) -> Config:
     """A preset name, a YAML/JSON file (optionally with `base: <preset>`), or a Config; then overrides."""
     if isinstance(name_or_path, Config):
@@ -313,7 +344,7 @@ def load_config(name_or_path: str | Config = "tiny", overrides: list[str] | None
         if not isinstance(base, str) or base not in PRESETS:
             raise ValueError(f"config file {path}: unknown base preset '{base}'")
         cfg = _from_dict(Config, data, base=PRESETS[base]())
-    return apply_overrides(cfg, overrides or [])
+    return check_bounds(apply_overrides(cfg, overrides or []))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

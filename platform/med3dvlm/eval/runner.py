@@ -21,6 +21,27 @@ KIND_FOR_TASK = {"retrieval": CLIP, "report": VLM, "vqa-closed": VLM, "vqa-open"
 RETRIEVAL_N = (100, 500, 1000, 2000)
 
 
+NUMBER_RULES = {  # EvalConfig field -> (type, least, most); None-valued fields (limit, top_p) mean "not set"
+    "max_new_tokens": (int, 1, 4096), "limit": (int, 1, None), "batch_size": (int, 1, None), "gen_batch": (int, 1, None), "replicas": (int, 1, None),
+    "cpus_per_replica": (float, 0.001, None), "gpus_per_replica": (float, 0, None), "seed": (int, None, None),
+    "temperature": (float, 0, None), "top_p": (float, 1e-6, 1), "repetition_penalty": (float, 1e-6, None),
+    "no_repeat_ngram_size": (int, 0, None)}
+
+
+def check_number(name: str, value, kind: type, least, most) -> None:
+    """A setting's value: of its type (a whole number for int; never a bool), finite, within its bounds."""
+    import math
+
+    if value is None and name in ("limit", "top_p"):
+        return
+    ok = not isinstance(value, bool) and (isinstance(value, int) if kind is int else isinstance(value, (int, float)))
+    ok = ok and math.isfinite(value) and (least is None or value >= least) and (most is None or value <= most)
+    if not ok:
+        what = "a whole number" if kind is int else "a number"
+        bounds = (f" of at least {least:g}" if least is not None else "") + (f" and at most {most:g}" if most else "")
+        raise UserError(f"--{name.replace('_', '-')} {value!r}: expects {what}{bounds}")
+
+
 @dataclass
 class EvalConfig:
     """One evaluation: the task, the model export and the shards (paths or URIs), and how to run it."""
@@ -56,10 +77,12 @@ class EvalConfig:
     def __post_init__(self):
         if self.task not in KIND_FOR_TASK:
             raise UserError(f"--task {self.task}: one of {', '.join(KIND_FOR_TASK)}")
-        if not 1 <= self.max_new_tokens <= 4096:
-            raise UserError(f"--max-new-tokens {self.max_new_tokens}: must be in 1..4096")
+        for name, (kind, least, most) in NUMBER_RULES.items():
+            check_number(name, getattr(self, name), kind, least, most)
         if self.sample and not (0 < self.temperature <= 5):
             raise UserError(f"--temperature {self.temperature}: must be in (0, 5]")
+        for k in self.n:
+            check_number("n", k, int, 1, None)
         self.splits = [s.strip() for s in self.split.split(",") if s.strip()]
         self.n = tuple(sorted(set(self.n)))
 
