@@ -47,8 +47,9 @@ NUMBERS = {"max_upload_mb": (float, 0.001), "cache_size": (int, 1), "replica_cpu
 def check_args(args: dict) -> None:
     """Refuse, before anything is built and naming the argument: an unknown name, a number that is not one (or not
     finite, or below its least value), a device other than cpu / cuda[:N], a dtype other than the three."""
-    import math
     import re
+
+    from med3dvlm.config import bounds_text, number_ok
 
     unknown = sorted(set(args) - APP_ARGS)
     if unknown:
@@ -56,13 +57,13 @@ def check_args(args: dict) -> None:
     for key, (kind, least) in NUMBERS.items():
         if args.get(key) is None:
             continue
-        try:
-            value = float(args[key]) if kind is float else int(str(args[key]).strip())
+        try:  # `key=value` on the command line is text; in serve/config.yaml it is already a number
+            value = kind(str(args[key]).strip())
         except ValueError:
             value = None
-        if value is None or not math.isfinite(value) or value < least:
+        if not number_ok(value, least, whole=kind is int):
             what = "a whole number" if kind is int else "a number"
-            raise ValueError(f"{key}={args[key]!r}: expects {what} of at least {least:g}")
+            raise ValueError(f"{key}={args[key]!r}: expects {what} of {bounds_text(least)}")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", str(args.get("device", "cpu"))):
         raise ValueError(f"device={args['device']!r}: cpu or cuda (cuda:N for one GPU)")
     if args.get("dtype") not in (None, "float32", "bfloat16", "float16"):

@@ -293,34 +293,47 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return _from_dict(Config, nested, base=cfg)
 
 
-ABOVE_0 = 0.0  # a least bound that the value must exceed, not reach
-BOUNDS = {  # dotted key -> (least, most): the numbers a run cannot start with outside these (None: no bound)
+def number_ok(value, least=None, most=None, whole: bool = False, above: bool = False) -> bool:
+    """A setting's number: a real int/float (never a bool; an int when `whole`), finite, at least `least` (above it
+    when `above`) and at most `most` (None: no bound). Config keys, evaluation settings and the Serve app's arguments
+    are all checked by this one rule."""
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or not math.isfinite(value):
+        return False
+    low = least is not None and (value <= least if above else value < least)
+    return not low and (most is None or value <= most)
+
+
+def bounds_text(least=None, most=None, above: bool = False) -> str:
+    """"at least 1 and at most 3", "above 0", ...: what `number_ok` asks, in words ("" when unbounded)."""
+    parts = ([f"{'above' if above else 'at least'} {least:g}"] if least is not None else []) + \
+        ([f"at most {most:g}"] if most is not None else [])
+    return " and ".join(parts)
+
+
+POSITIVE = (0, None, True)  # a bound the value must exceed, not reach
+BOUNDS = {  # dotted key -> (least, most[, above]): the numbers a run cannot start with outside these (None: no bound)
     "data.shape": (1, 4096), "data.rows_per_shard": (1, None), "data.row_group_size": (1, None),
     "data.max_file_bytes": (1, None), "model.embed_dim": (1, None), "model.text_max_len": (1, None),
     "model.image_tokens": (2, None), "model.max_len": (1, None), "train.num_workers": (1, None),
-    "train.cpus_per_worker": (ABOVE_0, None), "train.zero_stage": (0, 3), "train.checkpoint_every": (0, None),
+    "train.cpus_per_worker": POSITIVE, "train.zero_stage": (0, 3), "train.checkpoint_every": (0, None),
     "train.keep_checkpoints": (1, None), "train.log_every": (0, None), "train.log_seconds": (0, None),
     "train.max_failures": (-1, None), "train.shuffle_buffer": (0, None), "train.max_train_volumes": (0, None),
     "train.precise_bn_batches": (0, None),
     **{f"train.stage{n}.{k}": b for n in (1, 2, 3) for k, b in {
-        "batch_size": (1, None), "lr": (ABOVE_0, None), "weight_decay": (0, None), "epochs": (ABOVE_0, None),
+        "batch_size": (1, None), "lr": POSITIVE, "weight_decay": (0, None), "epochs": POSITIVE,
         "max_steps": (0, None), "warmup_ratio": (0, 1), "grad_clip": (0, None), "text_lr_scale": (0, None)}.items()},
 }
 
 
 def check_bounds(cfg: Config) -> Config:
-    """Every number of `BOUNDS` finite and within its bounds (each of a tuple's), else ValueError naming the key."""
-    for key, (least, most) in BOUNDS.items():
+    """Every number of `BOUNDS` within its bounds (each of a tuple's), else ValueError naming the key."""
+    for key, (least, most, *above) in BOUNDS.items():
         value = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        above = least is ABOVE_0
-        for v in value if isinstance(value, (tuple, list)) else (value,):
-            low = v <= least if above else least is not None and v < least
-            if not math.isfinite(v) or low or (most is not None and v > most):
-                bounds = " and ".join(b for b in ("above 0" if above else least is not None and f"at least {least:g}",
-                                                   most is not None and f"at most {most:g}") if b)
-                raise ValueError(f"config key '{key}' is {value!r}; it must be {bounds}")
+        if not all(number_ok(v, least, most, above=bool(above)) for v in
+                   (value if isinstance(value, (tuple, list)) else (value,))):
+            raise ValueError(f"config key '{key}' is {value!r}; it must be {bounds_text(least, most, bool(above))}")
     return cfg
 
 

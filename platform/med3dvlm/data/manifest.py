@@ -286,19 +286,25 @@ def _generic_item(raw: Path, where: str, r: dict) -> Item:
     case_id = str(r.get("case_id") or Path(key).parent.as_posix() or key)
     it = Item(stable_id(key), case_id, Path(_strip_ext(key)).name, str(r.get("split") or ""), str(src), key,
               report if isinstance(report, str) else "")
-    if not isinstance(image, str) or not image:
-        it.error = f"{where}: no image path" + ("" if image in (None, "") else f" ('image' is a {type(image).__name__})")
-    elif report is not None and not isinstance(report, str):
-        it.error = f"{shown(src)}: the report is a {type(report).__name__}, not text ({where})"
-    elif path_problem(image):
-        it.error = f"{shown(src)}: {path_problem(image)} ({where})"
-    elif outside_root(raw, src):
-        it.error = f"{outside_root(raw, src)} ({where})"
-    elif not src.exists():
-        it.error = f"{src}: image does not exist ({where})"
-    elif not it.report.strip():
-        it.error = f"{src}: empty report ({where})"
+    it.error = _row_error(raw, where, image, report, src)
     return it
+
+
+def _row_error(raw: Path, where: str, image, report, src) -> str | None:
+    """Why a reports row cannot be used (checked in this order, the OS asked last), or None."""
+    if not isinstance(image, str) or not image:
+        return f"{where}: no image path" + ("" if image in (None, "") else f" ('image' is a {type(image).__name__})")
+    if report is not None and not isinstance(report, str):
+        return f"{shown(src)}: the report is a {type(report).__name__}, not text ({where})"
+    if bad := path_problem(image):
+        return f"{shown(src)}: {bad} ({where})"
+    if out := outside_root(raw, src):
+        return f"{out} ({where})"
+    if not src.exists():
+        return f"{src}: image does not exist ({where})"
+    if not (report or "").strip():
+        return f"{src}: empty report ({where})"
+    return None
 
 
 def qa_entry(row: dict, qsplit: str) -> tuple[dict | None, str | None]:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from med3dvlm import storage
-from med3dvlm.config import yaml_error_line
+from med3dvlm.config import bounds_text, number_ok, yaml_error_line
 from med3dvlm.eval.results import CSV_COLUMNS, PAPER, SampleWriter, aggregate_closed, aggregate_text, done_keys, \
     markdown, read_rows
 from med3dvlm.models.export import CLIP, VLM, ExportError, check_tensors, read_meta
@@ -22,24 +22,21 @@ RETRIEVAL_N = (100, 500, 1000, 2000)
 
 
 NUMBER_RULES = {  # EvalConfig field -> (type, least, most); None-valued fields (limit, top_p) mean "not set"
-    "max_new_tokens": (int, 1, 4096), "limit": (int, 1, None), "batch_size": (int, 1, None), "gen_batch": (int, 1, None), "replicas": (int, 1, None),
+    "max_new_tokens": (int, 1, 4096), "limit": (int, 1, None), "batch_size": (int, 1, None),
+    "gen_batch": (int, 1, None), "replicas": (int, 1, None),
     "cpus_per_replica": (float, 0.001, None), "gpus_per_replica": (float, 0, None), "seed": (int, None, None),
     "temperature": (float, 0, None), "top_p": (float, 1e-6, 1), "repetition_penalty": (float, 1e-6, None),
     "no_repeat_ngram_size": (int, 0, None)}
 
 
 def check_number(name: str, value, kind: type, least, most) -> None:
-    """A setting's value: of its type (a whole number for int; never a bool), finite, within its bounds."""
-    import math
-
+    """A setting's value (`config.number_ok`); None for the settings where it means "not set"."""
     if value is None and name in ("limit", "top_p"):
         return
-    ok = not isinstance(value, bool) and (isinstance(value, int) if kind is int else isinstance(value, (int, float)))
-    ok = ok and math.isfinite(value) and (least is None or value >= least) and (most is None or value <= most)
-    if not ok:
-        what = "a whole number" if kind is int else "a number"
-        bounds = (f" of at least {least:g}" if least is not None else "") + (f" and at most {most:g}" if most else "")
-        raise UserError(f"--{name.replace('_', '-')} {value!r}: expects {what}{bounds}")
+    if not number_ok(value, least, most, whole=kind is int):
+        bounds = bounds_text(least, most)
+        raise UserError(f"--{name.replace('_', '-')} {value!r}: expects {'a whole number' if kind is int else 'a number'}"
+                        + (f" of {bounds}" if bounds else ""))
 
 
 @dataclass
