@@ -11,6 +11,11 @@ from med3dvlm.runtime import apply_env_defaults
 
 apply_env_defaults()  # offline HF, quiet Ray, NLTK data: as every entry point
 
+# Ray Train's controller polls its workers every 2 s by default, and a run waits out a poll at each change of state
+# (workers up, finished, shut down): ~7 of a tiny run's 24 s on this machine. The suite trains ~25 such runs, so its
+# Ray (and every Ray its tests start) polls every 0.2 s; the code path is the same.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
 
 def free_port() -> int:
     with socket.socket() as s:
