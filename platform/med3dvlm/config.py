@@ -106,6 +106,9 @@ class TrainConfig:
     max_train_volumes: int = 0  # train on the first N training volumes only (0: all); sweeps use a subset
     materialize: bool = False  # hold the stage's samples in Ray's object store after one read (data that fits in
     # memory; no augmentation): each epoch then skips reading, decoding and tokenising
+    preserve_order: bool = False  # samples reach the workers in the shards' order (Ray Data's preserve_order, for the
+    # read and the split to workers): with train.augment off a re-run repeats its trajectory; on a cluster it gives up
+    # the split's locality, and a slow block holds back the ones behind it
     closed_orders: int = 1  # stages 2/3: each closed question in N orders of its choices (rotations), its answer
     # under N letters; 1: as given, the reference's behaviour
     precise_bn_batches: int = 0  # re-estimate a trained vision tower's BatchNorm statistics from the last N batches
@@ -175,6 +178,7 @@ def tiny() -> Config:
     cfg.data.case_split = (0.7, 0.15, 0.15)
     cfg.train.augment = False  # flips and rotations scramble the synthetic laterality labels a few epochs cannot untangle
     cfg.train.materialize = True  # 12 short epochs: re-reading the shards each epoch was 46% of stage 1's time
+    cfg.train.preserve_order = True  # the demo's table repeats on a re-run (it did not: the blocks' order varied)
     cfg.train.precise_bn_batches = 16  # minutes of training at lr 1e-3 leave BatchNorm's running statistics stale
     cfg.model.trainable = "full"  # a random tiny LLM has nothing to preserve: it trains whole, without LoRA
     cfg.model.loss.t_init, cfg.model.loss.b_init = math.log(10), -10.0  # SigLIP's init: stable with batches of 8

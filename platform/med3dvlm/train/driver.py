@@ -157,17 +157,19 @@ def make_trainer(cfg, stage: int, shards: str, out: str, init: str | None, plan:
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures), callbacks=callbacks,
                              logging_config=LoggingConfig(log_level=log_level()),  # per-checkpoint lines: log files
                              worker_runtime_env={"env_vars": allocator_env()}),
-        datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options(cfg.train.preserve_order)),
     )
 
 
-def ingest_options():
+def ingest_options(preserve_order: bool = False):
     """Ray Train's default ingest options (the driver's Ray Data settings) less `exclude_resources`, which Ray Train
-    2.60's own default passes and Ray Data then reports as deprecated once per run."""
+    2.60's own default passes and Ray Data then reports as deprecated once per run; in order if asked
+    (`train.preserve_order`)."""
     from ray.data import DataContext, ExecutionOptions
 
     opts = DataContext.get_current().execution_options
-    return ExecutionOptions(resource_limits=opts.resource_limits, preserve_order=opts.preserve_order,
+    return ExecutionOptions(resource_limits=opts.resource_limits, preserve_order=opts.preserve_order or preserve_order,
                             verbose_progress=opts.verbose_progress)
 
 
