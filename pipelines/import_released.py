@@ -6,7 +6,10 @@
 The import reads the HF folder (config.json, model.safetensors or model-0000N-of-0000M.safetensors with
 model.safetensors.index.json, tokenizer files; LoRA merged) one shard at a time and writes an export that
 `pipelines.evaluate`, the Serve app and `pipelines.train --stage 3 --init` accept (splice `m3d_legacy`, as the
-weights were trained). `--to-released` writes the released layout from one of our exports (LoRA merged).
+weights were trained). `--to-released` writes the released layout from one of our exports (LoRA merged) and our
+settings the layout cannot hold in `med3dvlm.json` beside it; importing that folder back restores them, so the round
+trip is lossless. With such a folder `--config` may be left out; a config that would change the model's answers
+is refused naming the key. Without it (the authors' folders) `--config` (default paper) supplies them.
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ def main(argv=None):
                                                        "one of our stage-2/3 exports): a path or a URI")
     p.add_argument("--out", required=True, help="the folder to write: a path or a URI")
     p.add_argument("--to-released", action="store_true", help="write the released layout from one of our exports")
-    p.set_defaults(config="paper")
+    p.set_defaults(config=None)  # a folder's own med3dvlm.json, else paper
     args = p.parse_args(argv)
+    explicit = args.config is not None or bool(args.overrides)
+    args.config = args.config or "paper"
     cfg, started = config_from_args(args), time.time()
     if args.to_released:
         res = export_released(args.checkpoint, args.out)
     else:
-        res = import_released(args.checkpoint, args.out, cfg)
+        res = import_released(args.checkpoint, args.out, cfg, explicit=explicit)
     write_run_json(args.out, cfg, {"checkpoint": args.checkpoint, **res}, {}, started)
     return res
 

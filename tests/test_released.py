@@ -15,11 +15,19 @@ from med3dvlm.models.projector import DualStreamProjector, projector_config_for
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 KEYS = REFERENCE / "med3dvlm_reference_keys.json"
 NANO = REFERENCE / "dcformer_nano_reference.safetensors"
-pytestmark = pytest.mark.skipif(not KEYS.is_file(), reason=f"{REFERENCE} (the measured reference facts) is missing")
+
+
+
+def needs(path: Path):
+    """Skip a test that reads a file of the measured reference facts where that file is missing (a clone without
+    ../shared); the other tests here build their inputs themselves and run everywhere."""
+    return pytest.mark.skipif(not path.is_file(), reason=f"{path} (measured on the reference code) is missing")
 
 
 @pytest.fixture(scope="module")
 def reference():
+    if not KEYS.is_file():
+        pytest.skip(f"{KEYS} (measured on the reference code) is missing")
     return json.loads(KEYS.read_text())
 
 
@@ -51,6 +59,7 @@ def test_every_variant_imports_strictly_and_exports_the_identical_layout(referen
         assert torch.equal(back[k].to(v.dtype), v), k
 
 
+@needs(NANO)
 def test_reference_nano_weights_reproduce_the_reference_outputs():
     from safetensors.torch import load_file
 
@@ -161,7 +170,7 @@ def test_import_gives_the_saved_models_greedy_answers_and_exports_back(released,
     assert VLM.from_pretrained(tmp_path / "ours", parts=("vision",)).llm is None
     assert VLM.from_pretrained(tmp_path / "ours", parts=("llm",)).vision is None
     main(["--to-released", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "back")])
-    main(["--checkpoint", str(tmp_path / "back"), "--out", str(tmp_path / "again"), "--config", "tiny"])
+    main(["--checkpoint", str(tmp_path / "back"), "--out", str(tmp_path / "again")])  # its med3dvlm.json's settings
     assert _greedy(VLM.from_pretrained(tmp_path / "again").eval()) == _greedy(vlm)
 
 
@@ -182,7 +191,7 @@ def test_exported_lora_model_is_merged_into_the_released_layout(released, tmp_pa
     export_released(str(tmp_path / "lora"), str(tmp_path / "rel"), max_shard_bytes=300_000, log=lambda *_: None)
     keys = json.loads((tmp_path / "rel" / "model.safetensors.index.json").read_text())["weight_map"]
     assert not any("lora" in k for k in keys)
-    import_released(str(tmp_path / "rel"), str(tmp_path / "back"), tiny, log=lambda *_: None)
+    import_released(str(tmp_path / "rel"), str(tmp_path / "back"), tiny, log=lambda *_: None, explicit=False)
     assert _greedy(VLM.from_pretrained(tmp_path / "back").eval()) == _greedy(VLM.from_pretrained(tmp_path / "lora").eval())
 
 
@@ -215,3 +224,87 @@ def test_import_refuses_with_one_line(released, tmp_path, capsys, damage, words)
         run_main(lambda: main(["--checkpoint", str(bad), "--out", str(tmp_path / "o"), *extra]))
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+# ------------------------------------------------------------------------------------------------ the round trip
+PROMPTS = [" Describe the findings of this CT scan.", " Write a radiology report for this image.",
+           " Which organ is abnormal?", " Which organ is abnormal? Choices: A. liver B. spleen C. kidney D. lung",
+           " Is there a lesion? Choices: A. yes B. no"]
+
+
+def _first_logits(vlm, volume):
+    batch = vlm.collate([vlm.encode_example(p, None) for p in PROMPTS], left_pad=True)
+    return vlm(volume, batch["input_ids"], batch["attention_mask"]).logits[:, -1]
+
+
+def test_a_trained_export_comes_back_from_the_released_layout_unchanged(chain, tmp_path, capsys):
+    """Issue 44's round trip on a trained stage-3 export (exact splice, LoRA on a trained tower): every tensor equal to
+    the LoRA-merged original, the same settings and tokenizer, the same next-token logits and greedy answers."""
+    from dataclasses import replace
+
+    from med3dvlm.models.vlm import VLM
+    from pipelines.import_released import main
+
+    export = chain[3]["export"]
+    main(["--to-released", "--checkpoint", export, "--out", str(tmp_path / "rel")])
+    assert "m3d_legacy way" in capsys.readouterr().out  # the reference code would splice it differently: said
+    main(["--checkpoint", str(tmp_path / "rel"), "--out", str(tmp_path / "back"), "--config", "tiny"])
+    warned = capsys.readouterr().out
+    assert "warning: model.trainable" in warned  # the chain trained released_code; tiny says full: a run setting
+    a, b = VLM.from_pretrained(export).eval(), VLM.from_pretrained(tmp_path / "back").eval()
+    assert a.lora and not b.lora and json.loads((tmp_path / "back" / "config.json").read_text())["source"]["lora_merged"]
+    assert (a.cfg.splice, a.cfg.stem_act, a.data, a.input_shape) == (b.cfg.splice, b.cfg.stem_act, b.data, b.input_shape)
+    assert replace(a.cfg, trainable="full") == b.cfg
+    assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+    assert (a.tokenizer.eos_token_id, a.tokenizer.pad_token_id) == (b.tokenizer.eos_token_id, b.tokenizer.pad_token_id)
+    assert [a.encode_example(p, " A. liver") for p in PROMPTS] == [b.encode_example(p, " A. liver") for p in PROMPTS]
+    volume = torch.rand(len(PROMPTS), 1, *a.input_shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = _first_logits(a, volume)
+        a.llm = a.llm.merge_and_unload()
+        a.lora = False
+        merged, back = a.state_dict(), b.state_dict()
+        assert merged.keys() == back.keys()
+        assert all(torch.equal(merged[k], back[k]) for k in merged), [k for k in merged if not torch.equal(merged[k], back[k])][:3]
+        got = _first_logits(b, volume)
+        b.cfg.splice = "m3d_legacy"  # the settings matter: the released layout's own splice would change the logits
+        assert not torch.allclose(_first_logits(b, volume), got, atol=1e-3)
+        b.cfg.splice = "exact"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # LoRA merged: the same sums, rounded otherwise
+    a_answers = VLM.from_pretrained(export).eval().generate(volume, PROMPTS, max_new_tokens=12)
+    assert b.generate(volume, PROMPTS, max_new_tokens=12) == a_answers
+
+
+@pytest.mark.parametrize("override", ["model.splice=exact", "data.window=[1500,-600]"])
+def test_a_config_that_would_change_the_answers_is_refused_naming_the_key(released, tmp_path, capsys, override):
+    from med3dvlm.config import load_config
+    from med3dvlm.models.export import data_info
+    from pipelines.common import run_main
+    from pipelines.import_released import main
+
+    vlm, _ = released
+    vlm.data = data_info(load_config("tiny").data)
+    try:
+        vlm.save_pretrained(tmp_path / "ours")
+    finally:
+        vlm.data = None
+    main(["--to-released", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "rel")])
+    (tmp_path / "ours").rename(tmp_path / "gone")  # the settings travel in the folder, not by reference
+    main(["--checkpoint", str(tmp_path / "rel"), "--out", str(tmp_path / "ok"), "--config", "tiny",
+          "model.splice=m3d_legacy"])  # agrees with the folder: imported
+    capsys.readouterr()
+    args = ["--checkpoint", str(tmp_path / "rel"), "--out", str(tmp_path / "o"), "--config", "tiny"]
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: main(args + (["model.splice=m3d_legacy"] if "window" in override else []) + [override]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and override.split("=")[0] + ": the config" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_released_folder_without_our_settings_says_which_came_from_the_config(released, tmp_path, capsys):
+    from pipelines.import_released import main
+
+    _, folder = released
+    main(["--checkpoint", str(folder), "--out", str(tmp_path / "o"), "--config", "tiny"])
+    line = [l for l in capsys.readouterr().out.splitlines() if "no med3dvlm.json" in l]
+    assert len(line) == 1 and "model.splice=m3d_legacy" in line[0] and "model.stem_act=false" in line[0], line
