@@ -33,13 +33,13 @@ from med3dvlm.config import load_config  # noqa: E402
 from med3dvlm.data.samples import task_rows  # noqa: E402
 from med3dvlm.data.shards import read_table, volumes_from_table  # noqa: E402
 from med3dvlm.data.transform import to_float  # noqa: E402
-from med3dvlm.eval.predict import expand_samples  # noqa: E402
+from med3dvlm.eval.tasks import get_task  # noqa: E402
 from med3dvlm.eval.vqa import lenient_correct, named_correct  # noqa: E402
 from med3dvlm.models.clip import CLIPModel  # noqa: E402
 from med3dvlm.models.prompt import LETTERS  # noqa: E402
 from med3dvlm.models.vlm import VLM  # noqa: E402
-from med3dvlm.train.datasets import qa_splits  # noqa: E402
-from med3dvlm.train.loop import cosine_with_warmup  # noqa: E402
+from med3dvlm.train.stages import get_stage  # noqa: E402
+from med3dvlm.train.engine import cosine_with_warmup  # noqa: E402
 from med3dvlm.train.tiny_llm import build_tiny_llm, training_tasks  # noqa: E402
 
 
@@ -52,8 +52,8 @@ def features(vlm, table):
 
 
 def closed_questions(table) -> list[dict]:
-    """The closed questions as the evaluation scores them (`eval.predict.expand_samples`: a repeated row once)."""
-    return expand_samples(table.select(["volume_id", "report", "qa"]).to_pydict(), "vqa-closed", 0)
+    """The closed questions as the evaluation scores them (`Task.expand` of vqa-closed: a repeated row once)."""
+    return get_task("vqa-closed").expand(table.select(["volume_id", "report", "qa"]).to_pydict(), 0)
 
 
 def first_letter_accuracy(vlm, feats, table, letters) -> float:
@@ -89,7 +89,7 @@ def train_stage(vlm, cfg, stage, feats, table, epochs, args, report):
     vlm.train()
     data = [(i, vlm.encode_example(s["prompt"], s["answer"]))
             for i, r in enumerate(table.to_pylist())
-            for s in task_rows({**r, "volume": None}, stage, qa_splits(cfg, stage),
+            for s in task_rows({**r, "volume": None}, get_stage(stage).qa_splits(cfg),
                                closed_orders=cfg.train.closed_orders)]
     params = [p for p in vlm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)

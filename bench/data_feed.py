@@ -62,9 +62,10 @@ def measure(cfg, stage: int, shards: str, batches: int) -> dict:
 
     from med3dvlm.train.augment import apply_augment
     from med3dvlm.train.datasets import build_dataset
+    from med3dvlm.train.stages import get_stage
 
     bs = cfg.stage(stage).batch_size
-    it = build_dataset(cfg, stage, shards).iter_torch_batches(
+    it = build_dataset(cfg, get_stage(stage), shards).iter_torch_batches(
         batch_size=bs, drop_last=True, local_shuffle_buffer_size=cfg.train.shuffle_buffer)
     n, t0, last = 0, None, None
     for i, b in enumerate(it):

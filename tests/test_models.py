@@ -425,13 +425,14 @@ def test_folded_batchnorm_gives_the_same_tokens_in_eval_mode():
 def test_a_zero_text_lr_freezes_the_text_tower(tiny):
     from dataclasses import replace
 
-    from med3dvlm.train.loop import build_model, param_groups
+    from med3dvlm.train.engine import build_model, param_groups
+    from med3dvlm.train.stages import get_stage
 
     assert tiny.train.stage1.text_lr_scale == 0
-    frozen = build_model(tiny, 1, None)
+    frozen = build_model(tiny, get_stage(1), None)
     assert not any(p.requires_grad for p in frozen.text.parameters())
     assert all(p.requires_grad for p in frozen.vision.parameters())
     in_groups = {id(p) for g in param_groups(frozen, 1e-3, 0.1, 0.0) for p in g["params"]}
     assert not in_groups & {id(p) for p in frozen.text.parameters()}
     cfg = replace(tiny, train=replace(tiny.train, stage1=replace(tiny.train.stage1, text_lr_scale=0.1)))
-    assert all(p.requires_grad for p in build_model(cfg, 1, None).text.parameters())
+    assert all(p.requires_grad for p in build_model(cfg, get_stage(1), None).text.parameters())

@@ -110,16 +110,17 @@ def _names(loc) -> set:
 
 
 def test_training_events_reach_a_bucket_at_every_checkpoint_not_only_at_the_end(bucket):
-    from med3dvlm.train.loop import StepLog
+    from med3dvlm.train.metrics import StepLog
+    from med3dvlm.train.stages import get_stage
 
-    log = StepLog(1, 2, bucket + "/tb")
+    log = StepLog(get_stage(1), 2, bucket + "/tb")
     log.scalars({"loss": 1.0}, 0)
     assert not storage.list_files(bucket + "/tb", prefix="events.")
     log.sync()  # a checkpoint: a worker killed after it leaves these events in the bucket
     assert storage.list_files(bucket + "/tb", prefix="events.")
     first, staged = storage.list_files(bucket + "/tb", prefix="events."), log.tb_dir
     # the worker is killed here (its log never closed); a restarted one on this node replaces its staging folder
-    log = StepLog(1, 2, bucket + "/tb")
+    log = StepLog(get_stage(1), 2, bucket + "/tb")
     assert log.tb_dir == staged and not {storage.join(bucket + "/tb", f) for f in os.listdir(staged)} & set(first)
     log.scalars({"loss": 0.5}, 1)
     log.close()

@@ -22,7 +22,7 @@ def tasks_of(cases: range, seed: int = 5) -> list[dict]:
                "answer": r[8], "answer_choice": r[9], "split": "train", "yes_no": False}
               for r in vqa_rows(case, PLANES[i % 3], list(PHASES)[i % 3], "img", "text", seed, balance)]
         row = {"volume_id": case.case_id, "report": f"The {case.organ} is normal.", "qa": qa, "volume": None}
-        tasks += task_rows(row, 3, ("train",), closed_orders=4)
+        tasks += task_rows(row, ("train",), closed_orders=4)
     return tasks
 
 

@@ -188,9 +188,9 @@ def test_closed_orders_put_each_answer_under_every_letter_with_the_same_choices(
     assert [rotate_choices(three, k)["answer_choice"] for k in range(3)] == ["A", "B", "C"]
     assert rotate_choices(three, 1)["choice_d"] == ""
     row = {"volume": None, "volume_id": "v", "report": "r", "qa": [q]}
-    closed = [s for s in task_rows(row, 3, ("train",), closed_orders=4) if s["task"] == "closed"]
+    closed = [s for s in task_rows(row, ("train",), closed_orders=4) if s["task"] == "closed"]
     assert [s["answer"] for s in closed] == [" C. Kidney", " D. Kidney", " A. Kidney", " B. Kidney"]
-    assert len(task_rows(row, 3, ("train",))) == 3  # by default as given: report, closed, open
+    assert len(task_rows(row, ("train",))) == 3  # by default as given: report, closed, open
 
 
 def test_expand_tasks_gives_each_task_its_own_volume_as_task_rows_does():
@@ -206,8 +206,8 @@ def test_expand_tasks_gives_each_task_its_own_volume_as_task_rows_does():
     batch = {"volume_id": np.array(["a", "b"], dtype=object), "report": np.array(["ra", "rb"], dtype=object),
              "qa": np.array([[q, yn], None], dtype=object), "volume": np.stack([np.zeros((2, 3, 3), np.uint8),
                                                                                np.ones((2, 3, 3), np.uint8)])}
-    out = expand_tasks(batch, 3, ("train", "yn_train"), closed_orders=2)
-    rows = [t for i in range(2) for t in task_rows({k: batch[k][i] for k in batch}, 3, ("train", "yn_train"),
+    out = expand_tasks(batch, ("train", "yn_train"), closed_orders=2)
+    rows = [t for i in range(2) for t in task_rows({k: batch[k][i] for k in batch}, ("train", "yn_train"),
                                                    closed_orders=2)]
     assert len(rows) == 6 and len(out["prompt"]) == 6  # a: report, 2 closed, open, yes/no; b: report
     for i, r in enumerate(rows):
@@ -217,7 +217,7 @@ def test_expand_tasks_gives_each_task_its_own_volume_as_task_rows_does():
 
 
 def test_progress_lines_every_n_steps_no_sooner_than_the_gap_and_at_each_epoch_end(capsys, monkeypatch):
-    from med3dvlm.train import loop
+    from med3dvlm.train import metrics as loop
 
     clock = iter(range(0, 1000, 2))  # each step takes 2 s
     monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
@@ -255,7 +255,7 @@ def test_ray_data_in_workers_keeps_its_info_lines_off_the_terminal(ray_session):
 @pytest.mark.parametrize("bf16,bf16_cpu,expect", [(True, False, torch.float32), (True, True, torch.bfloat16),
                                                    (False, True, torch.float32)])
 def test_cpu_training_runs_bf16_only_when_asked(bf16, bf16_cpu, expect):
-    from med3dvlm.train.loop import autocast
+    from med3dvlm.train.engine import autocast
 
     cfg = load_config("tiny", [f"train.bf16={bf16}", f"train.bf16_cpu={bf16_cpu}"])
     conv = torch.nn.Conv3d(1, 2, 3)

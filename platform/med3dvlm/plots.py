@@ -26,12 +26,13 @@ LABELS = {"loss": "training loss", "lr": "learning rate", "samples_per_s": "samp
           "t": "SigLIP t (log temperature)", "b": "SigLIP bias b", "val_R@1": "validation R@1 (mean of both ways)"}
 
 
-def plot_curves(history: list[dict], path: Path, stage: int) -> None:
-    """Loss (with the validation loss where it was measured), lr, samples/s, stage 1's t and b and validation R@1."""
+def plot_curves(history: list[dict], path: Path, stage: int, figures: tuple[str, ...] = ()) -> None:
+    """Loss (with the validation loss where it was measured), lr, samples/s, the stage's own `figures` (stage 1's t
+    and b) and validation R@1."""
     if not history:
         return
     val = [h for h in history if "val_loss" in h]
-    keys = ["loss", "lr", "samples_per_s"] + (["t", "b"] if stage == 1 else []) + (["val_R@1"] if val else [])
+    keys = ["loss", "lr", "samples_per_s", *figures] + (["val_R@1"] if val else [])
     fig, axes = _subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0))
     for ax, k in zip(axes, keys):
         pts = val if k == "val_R@1" else history

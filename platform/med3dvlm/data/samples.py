@@ -40,14 +40,15 @@ def rotate_choices(q: dict, k: int) -> dict:
     return out
 
 
-def task_rows(row: dict, stage: int, qa_splits: tuple[str, ...], seed: int = 0, closed_orders: int = 1) -> list[dict]:
-    """One shard row -> its stage-2/3 samples (prompt, answer, task); each closed question in `closed_orders` orders of
-    its choices (rotations), so that its answer is learnt under as many letters."""
+def task_rows(row: dict, qa_splits: tuple[str, ...], seed: int = 0, closed_orders: int = 1) -> list[dict]:
+    """One shard row -> its stage-2/3 samples (prompt, answer, task): the report, the questions of `qa_splits` (the
+    yes/no ones where it holds "yn_train"), each closed question in `closed_orders` orders of its choices
+    (rotations), so that its answer is learnt under as many letters."""
     base = {"volume": row["volume"], "volume_id": row["volume_id"]}
     rows = [{**base, "prompt": report_prompt(row["volume_id"], seed), "answer": " " + row["report"], "task": "report"}]
     for q in row["qa"] if row["qa"] is not None else []:
         if q["yes_no"]:
-            if stage == 3 and "yn_train" in qa_splits:
+            if "yn_train" in qa_splits:
                 p, a = open_prompt(q)
                 rows.append({**base, "prompt": p, "answer": a, "task": "yes_no"})
             continue
@@ -61,13 +62,13 @@ def task_rows(row: dict, stage: int, qa_splits: tuple[str, ...], seed: int = 0, 
     return rows
 
 
-def expand_tasks(batch: dict, stage: int, qa_splits: tuple[str, ...], closed_orders: int = 1) -> dict:
+def expand_tasks(batch: dict, qa_splits: tuple[str, ...], closed_orders: int = 1) -> dict:
     """A batch of shard rows -> their stage-2/3 samples as columns (`task_rows` of each volume), each volume repeated
     once per task by one take from the batch's stacked volumes, rather than a block built row by row (`flat_map`)."""
     tasks, index = [], []
     for i, vid in enumerate(batch["volume_id"]):
         row = {"volume_id": vid, "report": batch["report"][i], "qa": batch["qa"][i], "volume": None}
-        t = task_rows(row, stage, qa_splits, closed_orders=closed_orders)
+        t = task_rows(row, qa_splits, closed_orders=closed_orders)
         tasks += t
         index += [i] * len(t)
     cols = {k: np.asarray([t[k] for t in tasks], dtype=object) for k in ("volume_id", "prompt", "answer", "task")}

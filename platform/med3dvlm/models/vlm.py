@@ -27,6 +27,17 @@ from med3dvlm.models.prompt import IMAGE_TOKEN, encode_example, pad_batch, vlm_t
 
 PARTS = ("vision", "llm")  # what `from_pretrained` can load: vision tower + projector, the LLM (+ LoRA), or both
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# model.trainable -> stage -> the parts that train (the rest frozen):
+# `paper`: the projector, then LoRA + projector (Med3DVLM's paper); `released_code`: as the released scripts train
+# (the input embeddings from stage 2; LoRA, the vision tower and the LM head too in stage 3); `full`: projector and the
+# whole LLM, no LoRA (an LLM trained from scratch has nothing for LoRA to preserve).
+TRAINABLE = {
+    "paper": {2: ("projector",), 3: ("projector", "lora")},
+    "released_code": {2: ("projector", "embed_in"), 3: ("projector", "lora", "embed_in", "vision", "embed_out")},
+    "full": {2: ("projector", "llm"), 3: ("projector", "llm")},
+}
+PART_MODULES = {"projector": lambda m: m.projector, "vision": lambda m: m.vision, "llm": lambda m: m.llm,
+                "embed_in": lambda m: m.llm.get_input_embeddings(), "embed_out": lambda m: m.llm.get_output_embeddings()}
 
 
 def build_llm(cfg: ModelConfig, tokenizer, weights: bool = True, dtype: torch.dtype | None = None):
@@ -100,28 +111,21 @@ class VLM(nn.Module):
         self.lora = True
 
     def set_stage(self, stage: int) -> None:
-        """Which parameters train: `paper` (2: projector; 3: LoRA + projector, vision frozen in eval mode),
-        `released_code` (2: projector + input embeddings; 3: LoRA + vision + projector + embeddings + lm_head) or
-        `full` (2 and 3: projector + the whole LLM, no LoRA, vision frozen in eval mode: for an LLM trained from
-        scratch, which has nothing for LoRA to preserve)."""
-        preset = self.cfg.trainable
-        if preset not in ("paper", "released_code", "full") or stage not in (2, 3):
-            raise ValueError(f"no trainable preset {preset!r} for stage {stage}")
-        if stage == 3 and preset != "full":
+        """Which parameters train in stage 2 or 3 (`TRAINABLE`, by `model.trainable`); the rest are frozen, and a
+        frozen vision tower runs in eval mode (except in `released_code`, as the reference)."""
+        parts = TRAINABLE.get(self.cfg.trainable, {}).get(stage)
+        if parts is None:
+            raise ValueError(f"no trainable preset {self.cfg.trainable!r} for stage {stage}")
+        if "lora" in parts:
             self.add_lora()
         self.requires_grad_(False)
-        self.projector.requires_grad_(True)
-        if preset == "full":
-            self.llm.requires_grad_(True)
-        if stage == 3:
-            for n, p in self.llm.named_parameters():
-                if "lora_" in n:
-                    p.requires_grad_(True)
-        if preset == "released_code":
-            self.llm.get_input_embeddings().requires_grad_(True)
-            if stage == 3:
-                self.vision.requires_grad_(True)
-                self.llm.get_output_embeddings().requires_grad_(True)
+        for part in parts:
+            if part == "lora":
+                for n, p in self.llm.named_parameters():
+                    if "lora_" in n:
+                        p.requires_grad_(True)
+            else:
+                PART_MODULES[part](self).requires_grad_(True)
         self.freeze_vision = not any(p.requires_grad for p in self.vision.parameters())
         self.train(self.training)
 

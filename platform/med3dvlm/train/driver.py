@@ -7,28 +7,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 from med3dvlm import storage
-from med3dvlm.models.export import CLIP, VLM, ExportError, check_tensors, read_meta
+from med3dvlm.models.export import ExportError, check_tensors, read_meta
 from med3dvlm.runtime import UserError, allocator_env, init_ray, log_level, sha256_json, write_run_json
-from med3dvlm.train.datasets import StageData, count_samples, count_validation
-
-BUILTIN_TEXT = ("minilm", "tiny-bert")
-BUILTIN_LLM = ("tiny-qwen2",)
-
-
-@dataclass
-class Plan:
-    samples: int
-    steps_per_epoch: int
-    total_steps: int
-    eval_every: int  # steps between stage-1 validations (0: none)
-
-    @property
-    def validate(self) -> bool:
-        return self.eval_every > 0
+from med3dvlm.train.datasets import StageData
+from med3dvlm.train.plan import RunPlan, plan_steps
+from med3dvlm.train.stages import get_stage
 
 
 def check_shards(cfg, shards: str) -> dict:
@@ -46,34 +33,23 @@ def check_shards(cfg, shards: str) -> dict:
     return manifest
 
 
-def check_init(cfg, stage: int, init: str | None) -> None:
+def check_init(cfg, stage, init: str | None) -> None:
     """The previous stage's export: present when needed, of the right kind, encoder and input shape."""
-    if stage > 1 and not init:
-        raise UserError(f"stage {stage} starts from stage {stage - 1}'s export: pass --init DIR")
-    if not init:
-        return
-    try:
-        meta = read_meta(init, CLIP if stage <= 2 else VLM)
-        check_tensors(init)
-    except ExportError as e:
-        raise UserError(f"--init {e}; stage {stage} needs the export of stage {max(stage - 1, 1)}") from None
-    if meta["model"]["encoder"] != cfg.model.encoder:
-        raise UserError(f"--init {init}: encoder {meta['model']['encoder']} != config's {cfg.model.encoder}")
-    if stage == 3 and tuple(meta["input_shape"]) != tuple(cfg.data.shape):
-        raise UserError(f"--init {init}: trained at {tuple(meta['input_shape'])}, the config asks for "
-                        f"{tuple(cfg.data.shape)}")
+    meta = None
+    if init:
+        try:
+            meta = read_meta(init, stage.init_kind)
+            check_tensors(init)
+        except ExportError as e:
+            raise UserError(f"--init {e}; stage {stage.number} needs the export of stage "
+                            f"{max(stage.number - 1, 1)}") from None
+    stage.check_init(cfg, init, meta)
 
 
-def check_inputs(cfg, stage: int, shards: str, init: str | None) -> dict:
+def check_inputs(cfg, stage, shards: str, init: str | None) -> dict:
     """Every reason to refuse, found before any worker starts. Returns the shards' manifest."""
-    if stage not in (1, 2, 3):
-        raise UserError(f"--stage must be 1, 2 or 3, not {stage}")
     manifest = check_shards(cfg, shards)
-    text, llm = cfg.model.text_encoder, cfg.model.llm
-    if text not in BUILTIN_TEXT and stage == 1 and not init and not storage.exists(text):
-        raise UserError(f"model.text_encoder {text}: does not exist (models load from paths or storage URIs, never a hub)")
-    if llm not in BUILTIN_LLM and stage == 2 and not storage.exists(llm):
-        raise UserError(f"model.llm {llm}: does not exist (models load from paths or storage URIs, never a hub)")
+    stage.check_models(cfg, init)
     check_init(cfg, stage, init)
     if cfg.train.materialize and cfg.train.augment:
         raise UserError("train.materialize=true would repeat the first epoch's augmentation draws in every epoch; "
@@ -97,31 +73,6 @@ def check_resources(cfg) -> None:
                         f"the cluster has {res.get('GPU', 0):g}")
 
 
-def plan_steps(cfg, stage: int, shards: str) -> Plan:
-    st = cfg.stage(stage)
-    n = count_samples(cfg, stage, shards)
-    steps_per_epoch = n // (st.batch_size * cfg.train.num_workers)
-    if steps_per_epoch == 0:
-        raise UserError(f"{n} training samples is fewer than one global batch ({st.batch_size} x "
-                        f"{cfg.train.num_workers} workers)")
-    total = math.ceil(st.epochs * steps_per_epoch)
-    total = min(total, st.max_steps) if st.max_steps > 0 else total
-    return Plan(n, steps_per_epoch, total, eval_interval(cfg, stage, shards, steps_per_epoch))
-
-
-def eval_interval(cfg, stage: int, shards: str, steps_per_epoch: int) -> int:
-    """Stage 1 validates every `eval_every` steps; by default (-1) every epoch when the validation split has rows."""
-    every = cfg.train.eval_every if stage == 1 else 0
-    if every == 0:
-        return 0
-    if count_validation(cfg, shards) < 2:
-        if every < 0:
-            return 0
-        raise UserError(f"train.eval_every needs validation pairs: --shards {shards} has fewer than 2 rows with "
-                        f"{cfg.train.split_field}={cfg.train.validation_split}")
-    return every if every > 0 else steps_per_epoch
-
-
 def warn_if_unshared(out: str, log) -> None:
     """A plain path on a multi-node cluster only works when every node mounts it (NFS): say so once."""
     import ray
@@ -132,26 +83,22 @@ def warn_if_unshared(out: str, log) -> None:
             f"every node (or use a URI such as s3://bucket/ckpt)")
 
 
-def make_trainer(cfg, stage: int, shards: str, out: str, init: str | None, plan: Plan, callbacks, name: str | None):
+def make_trainer(cfg, stage, shards: str, out: str, plan: RunPlan, callbacks, name: str | None):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from med3dvlm.train.loop import train_loop_per_worker
 
-    export = storage.join(out, f"stage{stage}")
     datasets = {"train": StageData(cfg, stage, shards)}
     if plan.validate:
-        datasets["validation"] = StageData(cfg, 1, shards, cfg.train.validation_split, training=False)
+        datasets["validation"] = StageData(cfg, stage, shards, cfg.train.validation_split, training=False)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "init": storage.absolute(init) if init else None,
-                           "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
-                           "eval_every": plan.eval_every, "log_level": log_level(),
-                           "export": export, "tensorboard": storage.join(export, "tensorboard")},
+        train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker},
                                      placement_strategy=cfg.train.placement_strategy),
-        run_config=RunConfig(name=name or f"stage{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
+        run_config=RunConfig(name=name or f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                              storage_path=storage.join(out, "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures), callbacks=callbacks,
@@ -175,23 +122,24 @@ def ingest_options(preserve_order: bool = False):
 
 def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=print, callbacks=None,
           name: str | None = None) -> dict:
-    """Train one stage; returns {"export", "figures", "history", "checkpoint"}."""
+    """Train one stage (`--stage N`); returns {"export", "figures", "history", "checkpoint"}."""
     from med3dvlm.plots import plot_curves
 
-    started = time.time()
+    started, stage = time.time(), get_stage(stage)
     manifest = check_inputs(cfg, stage, shards, init)
     init_ray()
     check_resources(cfg)
-    plan = plan_steps(cfg, stage, shards)
     out = storage.absolute(out)
-    export = storage.join(out, f"stage{stage}")
+    export = storage.join(out, stage.name)
+    plan = replace(plan_steps(cfg, stage, shards), init=storage.absolute(init) if init else None, export=export,
+                   tensorboard=storage.join(export, "tensorboard"), log_level=log_level())
     warn_if_unshared(out, log)
     storage.delete(storage.join(export, "placement.json"))  # the loop appends one entry per (re)start of this run
-    log(f"[train] stage {stage}: {plan.samples} samples, {plan.steps_per_epoch} steps/epoch x "
-        f"{cfg.stage(stage).epochs:g} epochs = {plan.total_steps} steps on {cfg.train.num_workers} workers "
+    log(f"[train] stage {stage.number}: {plan.samples} samples, {plan.steps_per_epoch} steps/epoch x "
+        f"{stage.settings(cfg).epochs:g} epochs = {plan.total_steps} steps on {cfg.train.num_workers} workers "
         f"({'GPU' if cfg.train.use_gpu else 'CPU'}, ZeRO-{cfg.train.zero_stage}); validation "
         + (f"every {plan.eval_every} steps" if plan.validate else "off"))
-    result = make_trainer(cfg, stage, shards, out, init, plan, callbacks, name).fit()
+    result = make_trainer(cfg, stage, shards, out, plan, callbacks, name).fit()
     if result.error:
         raise result.error
     history = read_history(export)
@@ -200,10 +148,11 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
     write_run_json(export, cfg, {"shards_manifest": sha256_json(manifest), "init": init, "samples": plan.samples},
                    figures, started)
     with storage.staged(export) as d:
-        plot_curves(history, Path(d) / "curves.png", stage)
-    log(f"[train] stage {stage} done in {time.time() - started:.0f} s: loss {figures.get('loss_first', math.nan):.3f} "
-        f"-> {figures.get('loss_last', math.nan):.3f}, {figures.get('samples_per_s', 0):.1f} samples/s, "
-        f"data wait {100 * figures.get('data_wait_fraction', 0):.0f}% -> {export}")
+        plot_curves(history, Path(d) / "curves.png", stage.number, stage.step_figures)
+    log(f"[train] stage {stage.number} done in {time.time() - started:.0f} s: loss "
+        f"{figures.get('loss_first', math.nan):.3f} -> {figures.get('loss_last', math.nan):.3f}, "
+        f"{figures.get('samples_per_s', 0):.1f} samples/s, data wait "
+        f"{100 * figures.get('data_wait_fraction', 0):.0f}% -> {export}")
     return {"export": export, "figures": figures, "history": history, "checkpoint": result.checkpoint}
 
 
@@ -215,8 +164,9 @@ def read_history(export: str) -> list[dict]:
     return storage.read_json(f)
 
 
-def summarize(history: list[dict], stage: int) -> dict:
-    """First and last fifth's mean loss, steady-state samples/s and data-wait fraction (and stage 1's t, b)."""
+def summarize(history: list[dict], stage) -> dict:
+    """First and last fifth's mean loss, steady-state samples/s and data-wait fraction (and the stage's own figures,
+    stage 1's t and b, at the last step)."""
     if not history:
         return {}
     k = max(1, len(history) // 5)
@@ -227,6 +177,4 @@ def summarize(history: list[dict], stage: int) -> dict:
            "loss_first": sum(h["loss"] for h in history[:k]) / k, "loss_last": sum(h["loss"] for h in history[-k:]) / k,
            "samples_per_s": sum(h["samples_per_s"] for h in steady) / len(steady),
            "data_wait_fraction": wait / max(wait + comp, 1e-9)}
-    if stage == 1:
-        fig["t_last"], fig["b_last"] = history[-1]["t"], history[-1]["b"]
-    return fig
+    return {**fig, **stage.summary(history)}

@@ -34,10 +34,11 @@ def training_tasks(cfg, shards: str) -> list[dict]:
     """The stage-3 samples (prompt, answer, task) of the training volumes, without their volumes."""
     from med3dvlm.data.samples import task_rows
     from med3dvlm.data.shards import read_table
-    from med3dvlm.train.datasets import qa_splits
+    from med3dvlm.train.stages import get_stage
 
     table = read_table(shards, ["volume_id", "report", "qa"], split="train", split_field=cfg.train.split_field)
-    return [t for r in table.to_pylist() for t in task_rows({**r, "volume": None}, 3, qa_splits(cfg, 3),
+    splits = get_stage(3).qa_splits(cfg)
+    return [t for r in table.to_pylist() for t in task_rows({**r, "volume": None}, splits,
                                                             closed_orders=max(1, cfg.train.closed_orders))]
 
 
@@ -78,7 +79,7 @@ def lookup_examples(tasks: list[dict], tok, n_image: int, max_len: int) -> list[
 
 def pretrain(llm, examples, pad: int, steps: int, lr: float, batch_size: int, seed: int, log=print) -> float | None:
     """AdamW with a cosine schedule after 3% warm-up, batches drawn at random; returns the last loss (None: 0 steps)."""
-    from med3dvlm.train.loop import cosine_with_warmup
+    from med3dvlm.train.engine import cosine_with_warmup
 
     rng = random.Random(seed)
     opt = torch.optim.AdamW(llm.parameters(), lr=lr)
