@@ -17,7 +17,8 @@ from .common import run_main
 
 
 def arg_parser() -> argparse.ArgumentParser:
-    from med3dvlm.eval.runner import KIND_FOR_TASK, RETRIEVAL_N
+    from med3dvlm.eval.runner import RETRIEVAL_N
+    from med3dvlm.eval.tasks import TASKS
     from med3dvlm.runtime import package_version
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -25,7 +26,7 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="a YAML file of these settings (keys as the flags, with _ for -)")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings (YAML) and exit")
     p.add_argument("overrides", nargs="*", help="key=value settings, e.g. max_new_tokens=96 (flags win)")
-    p.add_argument("--task", default=None, choices=list(KIND_FOR_TASK), help="what to evaluate (required)")
+    p.add_argument("--task", default=None, choices=list(TASKS), help="what to evaluate (required)")
     p.add_argument("--model", default=None, help="an exported model: path or URI (stage 1 for retrieval, 2/3 otherwise)")
     p.add_argument("--shards", default=None, help="preprocessed shards: a path or a URI (s3://bucket/shards)")
     p.add_argument("--out", default=None, help="a path or URI; default: <model>/eval-<task>")

@@ -37,7 +37,7 @@ def test_wilson_interval_is_the_score_test_inversion():
 
 def test_retrieval_control_of_an_image_blind_model_equals_its_score():
     from med3dvlm.eval.retrieval import rank_of_target
-    from med3dvlm.eval.runner import retrieval_baselines
+    from med3dvlm.eval.tasks.retrieval import retrieval_baselines
 
     g = torch.Generator().manual_seed(0)
     txt = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=1)
@@ -64,7 +64,7 @@ def test_rotation_is_a_derangement():
 def test_shuffled_images_pair_each_text_with_another_volume(ray_session):
     import ray
 
-    from med3dvlm.eval.runner import rotate_volumes
+    from med3dvlm.eval.feed import rotate_volumes
 
     n = 9  # rows in shard order; cases c0 (v0, v1), c1 (v2), ...: the order is by (case, id), as here
     ds = ray.data.from_items([{"volume_id": f"v{i}", "case_id": f"c{(i + 1) // 2}", "qa": f"q{i}",

@@ -140,9 +140,10 @@ def test_generator_keeps_a_failing_sample_as_an_error(chain, shards):
     """One sample whose generation raises becomes that sample's error; its batch-mates still get answers."""
     from med3dvlm.data.shards import read_table, volumes_from_table
     from med3dvlm.eval.predict import Generator
+    from med3dvlm.eval.tasks import get_task
 
     t = read_table(shards[0], ["volume_id", "volume", "report"]).slice(0, 3)
-    g = Generator(chain[3]["export"], "report", max_new_tokens=4)
+    g = Generator(chain[3]["export"], get_task("report"), max_new_tokens=4)
     real = g.model.generate
 
     def flaky(vols, prompts, **kw):

@@ -13,33 +13,6 @@ import numpy as np
 import torch
 
 from med3dvlm.data.transform import to_float
-from med3dvlm.models.prompt import closed_prompt, open_prompt, report_prompt
-
-TASKS = ("retrieval", "report", "vqa-closed", "vqa-open")
-
-
-def expand_samples(batch: dict, task: str, seed: int) -> list[dict]:
-    """Shard rows -> evaluation samples: (batch index, key, prompt, reference, question fields)."""
-    out = []
-    for i, vid in enumerate(batch["volume_id"]):
-        vid = str(vid)
-        if task == "report":
-            out.append({"i": i, "key": vid, "question_type": -1, "question": report_prompt(vid, seed),
-                        "reference": str(batch["report"][i]), "answer_choice": ""})
-            continue
-        qa, seen = batch["qa"][i], set()
-        for j, q in enumerate([] if qa is None else list(qa)):
-            if q["yes_no"]:
-                continue  # M3D-Bench's VQA test has no yes/no questions
-            same = (q["question"], q["answer"], tuple(q.get(f"choice_{c}") for c in "abcd"))
-            if same in seen:
-                continue  # M3D_VQA_test5k.csv repeats rows of M3D_VQA_test.csv: each question counts once
-            seen.add(same)
-            prompt = closed_prompt(q)[0] if task == "vqa-closed" else open_prompt(q)[0]
-            out.append({"i": i, "key": f"{vid}#{j}", "question_type": int(q["question_type"]), "question": prompt,
-                        "reference": str(q["answer"]), "answer_choice": str(q["answer_choice"])})
-    return out
-
 
 class Embedder:
     """Stage-1 (CLIP) features of volumes and their reports."""
@@ -64,9 +37,10 @@ class Embedder:
 
 
 class Generator:
-    """Report or VQA answers from a stage-2/3 VLM export, batched greedy (or sampled) generation."""
+    """Report or VQA answers from a stage-2/3 VLM export, batched greedy (or sampled) generation, for the samples a
+    generation task (`eval.tasks`) asks of each shard row."""
 
-    def __init__(self, model_dir: str, task: str, device: str = "cpu", max_new_tokens: int = 256,
+    def __init__(self, model_dir: str, task, device: str = "cpu", max_new_tokens: int = 256,
                  gen_batch: int = 8, sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
                  seed: int = 42, done: frozenset = frozenset(), threads: int | None = None, dtype: str | None = None,
                  repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0):
@@ -103,7 +77,7 @@ class Generator:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        samples = [s for s in expand_samples(batch, self.task, self.seed) if s["key"] not in self.done]
+        samples = [s for s in self.task.expand(batch, self.seed) if s["key"] not in self.done]
         vols = to_float(np.asarray(batch["volume"]))
         preds, errors = [], []
         for k in range(0, len(samples), self.gen_batch):
