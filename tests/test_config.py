@@ -149,3 +149,27 @@ def test_every_entry_point_help_lists_defaults(capsys):
         assert e.value.code == 0 and capsys.readouterr().out.startswith("med3dvlm "), name
         if name != "make-synthetic":  # writes test data: there is no pipeline config to give it
             assert "--config" in out, f"{name} takes no --config"
+
+
+def test_every_key_has_its_help_and_the_reference_is_current():
+    """The configuration reference is generated from the fields (`python -m pipelines.config_reference`): a key added
+    without a line of help, or a reference not regenerated after a change, fails here."""
+    from pathlib import Path
+
+    from med3dvlm.config import config_reference, fields_of
+
+    assert all(f.metadata.get("help") for _, _, f in fields_of())
+    reference = Path(__file__).resolve().parents[1] / "platform" / "config.md"
+    assert reference.read_text() == config_reference(), "run: python -m pipelines.config_reference"
+    text = reference.read_text()
+    assert "`train.stage3.lr` | float | `5e-05` | `5e-05` | `0.001` | above 0 |" in text  # value per preset, bounds
+
+
+def test_the_bounds_sit_beside_their_fields_and_are_checked():
+    from med3dvlm.config import bounds
+
+    b = bounds()
+    assert b["train.zero_stage"] == (0, 3, False) and b["train.stage2.lr"] == (0, None, True)
+    assert len([k for k in b if k.startswith("train.stage")]) == 24
+    with pytest.raises(ValueError, match="'train.stage2.warmup_ratio' is 1.5; it must be at least 0 and at most 1"):
+        load_config("tiny", ["train.stage2.warmup_ratio=1.5"])

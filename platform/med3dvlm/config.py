@@ -19,111 +19,135 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 
+def setting(default, help: str, least=None, most=None, above: bool = False):
+    """A config field with its one line of help and its bounds beside it (`least`/`most`, None: unbounded; `above`:
+    the value must exceed `least`). The bounds are checked when a config is loaded (`check_bounds`) and, with the
+    help, make the configuration reference (`config_reference`)."""
+    meta = {"help": help, "bounds": (least, most, above) if least is not None or most is not None else None}
+    if dataclasses.is_dataclass(default) or isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+POSITIVE = {"least": 0, "above": True}
+
+
 @dataclass
 class DataConfig:
-    shape: tuple[int, int, int] = (32, 256, 256)  # (D, H, W) after preprocessing
-    dtype: str = "uint8"  # "uint8" (default) or "float16" in the shards
-    window: tuple[float, float] = (400.0, 40.0)  # HU window (width, level) for raw CT
-    window_mode: str = "auto"  # "auto": DICOM CT and NIfTI with air (<= -500) get the window; "always"; "never"
-    rows_per_shard: int = 64
-    row_group_size: int = 16  # volumes per Parquet row group (8-32)
-    case_split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # leak-free train/validation/test fractions by case
-    max_file_bytes: int = 2 << 30  # inputs larger than this are quarantined, never read
+    """How raw volumes become shards."""
+
+    shape: tuple[int, int, int] = setting((32, 256, 256), "(D, H, W) of every volume after preprocessing", 1, 4096)
+    dtype: str = setting("uint8", "voxel type in the shards: uint8 or float16")
+    window: tuple[float, float] = setting((400.0, 40.0), "HU window (width, level) applied to raw CT")
+    window_mode: str = setting("auto", "auto: DICOM CT and NIfTI with air (<= -500 HU) get the window; always; never")
+    rows_per_shard: int = setting(64, "volumes per Parquet shard", 1)
+    row_group_size: int = setting(16, "volumes per Parquet row group (8-32)", 1)
+    case_split: tuple[float, float, float] = setting((0.8, 0.1, 0.1), "leak-free train/validation/test fractions "
+                                                                      "by case (the case_split field)")
+    max_file_bytes: int = setting(2 << 30, "inputs larger than this are quarantined, never read", 1)
 
 
 @dataclass
 class LossConfig:
-    """Sigmoid (SigLIP) loss; defaults are the Med3DVLM code's, `siglip` preset in `paper_siglip_loss`."""
+    """Sigmoid (SigLIP) loss; defaults are the Med3DVLM code's, SigLIP's own are t' = log 10, b = -10."""
 
-    t_init: float = math.log(1 / 0.07)  # log-temperature t'; t = exp(t')
-    b_init: float = 0.0
-    learn_t: bool = True
-    learn_b: bool = True
-    symmetric: bool = True  # logits = (L + L^T) / 2, as the reference code
-    t_max: float = 0.0  # clamp t' at this value when > 0 (0: no clamp, as the reference)
+    t_init: float = setting(math.log(1 / 0.07), "initial log-temperature t' (t = exp(t'))")
+    b_init: float = setting(0.0, "initial bias b")
+    learn_t: bool = setting(True, "t' is learned")
+    learn_b: bool = setting(True, "b is learned")
+    symmetric: bool = setting(True, "logits = (L + L^T) / 2, as the reference code")
+    t_max: float = setting(0.0, "clamp t' at this value when > 0 (0: no clamp, as the reference)")
 
 
 @dataclass
 class ModelConfig:
-    encoder: str = "small"  # DCFormer variant: nano, naive, tiny, small, base
-    stem_act: bool = False  # reference: no activation in the stem
-    layer_scale_init: float = 1e-6  # reference; larger lets a small encoder trained briefly use its blocks
-    embed_dim: int = 768  # stage-1 joint embedding width
-    text_encoder: str = "minilm"  # "minilm" (packaged offline), "tiny-bert" (built from config) or a local path
-    text_max_len: int = 512
-    loss: LossConfig = field(default_factory=LossConfig)
-    # projector
-    image_tokens: int = 256  # total visual tokens given to the LLM (half per stream)
-    mixer_depth: int = 2
-    # LLM
-    llm: str = "tiny-qwen2"  # "tiny-qwen2" (built from config, MiniLM tokenizer) or a local path to an HF causal LM
-    llm_hidden: int = 64  # only for tiny-qwen2
-    llm_layers: int = 2
-    llm_heads: int = 4
-    llm_kv_heads: int = 2
-    max_len: int = 512  # all tokens, image tokens included
-    splice: str = "exact"  # "exact" or "m3d_legacy"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    trainable: str = "paper"  # "paper", "released_code" or "full" (models.vlm.VLM.set_stage)
+    """The DCFormer, the stage-1 text tower, the projector and the LLM."""
+
+    encoder: str = setting("small", "DCFormer variant: nano, naive, tiny, small, base, large")
+    stem_act: bool = setting(False, "an activation in the stem (the reference has none)")
+    layer_scale_init: float = setting(1e-6, "blocks' layer-scale init (reference 1e-6; larger lets a small encoder "
+                                            "trained briefly use its blocks)")
+    embed_dim: int = setting(768, "stage-1 joint embedding width", 1)
+    text_encoder: str = setting("minilm", "stage-1 text tower: minilm (packaged offline), tiny-bert (from config) "
+                                          "or a local path")
+    text_max_len: int = setting(512, "report tokens the text tower reads", 1)
+    loss: LossConfig = setting(LossConfig(), "the sigmoid loss")
+    image_tokens: int = setting(256, "visual tokens given to the LLM (half per projector stream)", 2)
+    mixer_depth: int = setting(2, "Mixer blocks per projector stream")
+    llm: str = setting("tiny-qwen2", "tiny-qwen2 (built from config, MiniLM tokenizer) or a local path to an HF "
+                                     "causal LM")
+    llm_hidden: int = setting(64, "tiny-qwen2 only: width")
+    llm_layers: int = setting(2, "tiny-qwen2 only: layers")
+    llm_heads: int = setting(4, "tiny-qwen2 only: attention heads")
+    llm_kv_heads: int = setting(2, "tiny-qwen2 only: key/value heads")
+    max_len: int = setting(512, "tokens of a sequence, image tokens included", 1)
+    splice: str = setting("exact", "exact (placeholders replaced one-for-one) or m3d_legacy (the released weights' "
+                                   "layout)")
+    lora_r: int = setting(16, "LoRA rank")
+    lora_alpha: int = setting(32, "LoRA alpha")
+    lora_dropout: float = setting(0.05, "LoRA dropout")
+    trainable: str = setting("paper", "which parts train in stages 2-3: paper, released_code or full "
+                                      "(models.vlm.TRAINABLE)")
 
 
 @dataclass
 class StageConfig:
-    batch_size: int = 8  # per worker
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    epochs: float = 1.0
-    max_steps: int = 0  # > 0 caps the number of steps
-    warmup_ratio: float = 0.03
-    grad_clip: float = 1.0
-    text_lr_scale: float = 1.0  # stage 1: the text tower's lr = lr x this (a pretrained tower wants less; 0: frozen)
+    """One training stage's optimisation."""
+
+    batch_size: int = setting(8, "samples per worker per step", 1)
+    lr: float = setting(1e-4, "peak learning rate (AdamW, cosine after warm-up)", **POSITIVE)
+    weight_decay: float = setting(0.0, "AdamW weight decay (not on biases and norms)", 0)
+    epochs: float = setting(1.0, "passes over the stage's samples", **POSITIVE)
+    max_steps: int = setting(0, "> 0 caps the number of steps", 0)
+    warmup_ratio: float = setting(0.03, "fraction of the steps spent warming up", 0, 1)
+    grad_clip: float = setting(1.0, "gradient norm clip", 0)
+    text_lr_scale: float = setting(1.0, "stage 1: the text tower's lr = lr x this (a pretrained tower wants less; "
+                                        "0: frozen)", 0)
 
 
 @dataclass
 class TrainConfig:
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    placement_strategy: str = "PACK"  # Ray Train worker placement: PACK (fewest nodes) or SPREAD (one per node first)
-    zero_stage: int = 2
-    offload: bool = False
-    bf16: bool = True  # bf16 autocast (and DeepSpeed bf16) on GPU
-    bf16_cpu: bool = False  # bf16 autocast on CPU workers too (fast where the CPU has AMX / AVX-512 BF16)
-    seed: int = 42
-    checkpoint_every: int = 0  # steps; 0: at the end of every epoch
-    keep_checkpoints: int = 2  # DeepSpeed checkpoints kept per run (the newest; resume needs one)
-    log_every: int = 10  # rank 0 prints step/total, loss, lr, samples/s, data wait and ETA every N steps (0: off)
-    log_seconds: float = 10.0  # ... but no sooner than this after its last line (epoch ends always print; 0: no limit)
-    fail_at_step: int = -1  # fault injection for tests: rank 0 raises once at this step
-    max_failures: int = 2  # worker failures Ray Train recovers from (restart from the last checkpoint)
-    split_field: str = "split"  # "split" (official M3D split, comparable numbers) or "case_split" (leak-free)
-    augment: bool = True  # the reference augmentation (rot90 H-W, flips, intensity) in Ray Data
-    shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: shard order); reseeded every epoch
-    eval_every: int = -1  # stage 1: validation loss and R@1 every N steps (-1: every epoch if the split has rows; 0: off)
-    validation_split: str = "validation"  # split (in `split_field`) used for that
-    max_train_volumes: int = 0  # train on the first N training volumes only (0: all); sweeps use a subset
-    materialize: bool = False  # hold the stage's samples in Ray's object store after one read (data that fits in
-    # memory; no augmentation): each epoch then skips reading, decoding and tokenising
-    preserve_order: bool = False  # samples reach the workers in the shards' order (Ray Data's preserve_order, for the
-    # read and the split to workers): with train.augment off a re-run repeats its trajectory; on a cluster it gives up
-    # the split's locality, and a slow block holds back the ones behind it
-    closed_orders: int = 1  # stages 2/3: each closed question in N orders of its choices (rotations), its answer
-    # under N letters; 1: as given, the reference's behaviour
-    precise_bn_batches: int = 0  # re-estimate a trained vision tower's BatchNorm statistics from the last N batches
-    # before each validation and the export (train.precise_bn); 0: off, the reference's behaviour
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(batch_size=64, lr=1e-4, weight_decay=0.1, epochs=100))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(batch_size=16, lr=1e-4, epochs=3))
-    stage3: StageConfig = field(default_factory=lambda: StageConfig(batch_size=8, lr=5e-5, epochs=5))
+    """Ray Train, DeepSpeed and the data feed."""
+
+    num_workers: int = setting(2, "Ray Train workers", 1)
+    use_gpu: bool = setting(False, "one GPU per worker")
+    cpus_per_worker: float = setting(1.0, "CPUs Ray reserves per worker", **POSITIVE)
+    placement_strategy: str = setting("PACK", "worker placement: PACK (fewest nodes) or SPREAD (one per node first)")
+    zero_stage: int = setting(2, "DeepSpeed ZeRO stage", 0, 3)
+    offload: bool = setting(False, "ZeRO CPU offload of the optimizer (and, at stage 3, the parameters)")
+    bf16: bool = setting(True, "bf16 autocast (and DeepSpeed bf16) on GPU")
+    bf16_cpu: bool = setting(False, "bf16 autocast on CPU workers too (fast where the CPU has AMX / AVX-512 BF16)")
+    seed: int = setting(42, "seed of the model init, the shuffles and the prompts")
+    checkpoint_every: int = setting(0, "steps between checkpoints; 0: at the end of every epoch", 0)
+    keep_checkpoints: int = setting(2, "DeepSpeed checkpoints kept per run (the newest; resume needs one)", 1)
+    log_every: int = setting(10, "rank 0 prints a progress line every N steps (0: off)", 0)
+    log_seconds: float = setting(10.0, "... but no sooner than this after its last line (0: no limit)", 0)
+    fail_at_step: int = setting(-1, "fault injection for tests: rank 0 raises once at this step")
+    max_failures: int = setting(2, "worker failures Ray Train recovers from (from the last checkpoint)", -1)
+    split_field: str = setting("split", "split (the official M3D split, comparable numbers) or case_split (leak-free)")
+    augment: bool = setting(True, "the reference augmentation (rot90 H-W, flips, intensity), drawn in Ray Data")
+    shuffle_buffer: int = setting(256, "rows in each worker's local shuffle buffer (0: shard order)", 0)
+    eval_every: int = setting(-1, "stage 1: validation every N steps (-1: every epoch if the split has rows; 0: off)")
+    validation_split: str = setting("validation", "the split (in split_field) validation reads")
+    max_train_volumes: int = setting(0, "train on the first N training volumes only (0: all)", 0)
+    materialize: bool = setting(False, "hold the stage's samples in Ray's object store after one read (data that fits "
+                                       "in memory, no augmentation)")
+    preserve_order: bool = setting(False, "samples reach the workers in the shards' order: with augment off a re-run "
+                                          "repeats its trajectory")
+    closed_orders: int = setting(1, "stages 2-3: each closed question in N orders of its choices (1: as given)")
+    precise_bn_batches: int = setting(0, "re-estimate a trained tower's BatchNorm statistics from the last N batches "
+                                         "before validation and export (0: off)", 0)
+    stage1: StageConfig = setting(StageConfig(batch_size=64, lr=1e-4, weight_decay=0.1, epochs=100), "stage 1 (SigLIP)")
+    stage2: StageConfig = setting(StageConfig(batch_size=16, lr=1e-4, epochs=3), "stage 2 (projector)")
+    stage3: StageConfig = setting(StageConfig(batch_size=8, lr=5e-5, epochs=5), "stage 3 (instruction tuning)")
 
 
 @dataclass
 class Config:
-    name: str = "paper"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = setting("paper", "the preset it started from")
+    data: DataConfig = setting(DataConfig(), "preprocessing")
+    model: ModelConfig = setting(ModelConfig(), "the model")
+    train: TrainConfig = setting(TrainConfig(), "training")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -237,20 +261,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
-def _all_keys(cls, prefix: str = "") -> list[str]:
-    out = []
-    for k, tp in get_type_hints(cls).items():
-        key = f"{prefix}.{k}" if prefix else k
-        out += _all_keys(tp, key) if dataclasses.is_dataclass(tp) else [key]
-    return out
-
-
 def _suggest(cls, k: str, prefix: str) -> str:
     """'; did you mean ...' from the keys at this level and, for a misplaced key, anywhere in the config."""
     import difflib
 
     here = [f"{prefix}.{n}" if prefix else n for n in get_type_hints(cls)]
-    anywhere = [key for key in _all_keys(Config) if key.rsplit(".", 1)[-1] == k]
+    anywhere = [key for key, tp, _ in fields_of() if not dataclasses.is_dataclass(tp) and key.rsplit(".", 1)[-1] == k]
     close = anywhere or difflib.get_close_matches(f"{prefix}.{k}" if prefix else k, here, n=3, cutoff=0.6)
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
@@ -314,30 +330,61 @@ def bounds_text(least=None, most=None, above: bool = False) -> str:
     return " and ".join(parts)
 
 
-POSITIVE = (0, None, True)  # a bound the value must exceed, not reach
-BOUNDS = {  # dotted key -> (least, most[, above]): the numbers a run cannot start with outside these (None: no bound)
-    "data.shape": (1, 4096), "data.rows_per_shard": (1, None), "data.row_group_size": (1, None),
-    "data.max_file_bytes": (1, None), "model.embed_dim": (1, None), "model.text_max_len": (1, None),
-    "model.image_tokens": (2, None), "model.max_len": (1, None), "train.num_workers": (1, None),
-    "train.cpus_per_worker": POSITIVE, "train.zero_stage": (0, 3), "train.checkpoint_every": (0, None),
-    "train.keep_checkpoints": (1, None), "train.log_every": (0, None), "train.log_seconds": (0, None),
-    "train.max_failures": (-1, None), "train.shuffle_buffer": (0, None), "train.max_train_volumes": (0, None),
-    "train.precise_bn_batches": (0, None),
-    **{f"train.stage{n}.{k}": b for n in (1, 2, 3) for k, b in {
-        "batch_size": (1, None), "lr": POSITIVE, "weight_decay": (0, None), "epochs": POSITIVE,
-        "max_steps": (0, None), "warmup_ratio": (0, 1), "grad_clip": (0, None), "text_lr_scale": (0, None)}.items()},
-}
+def bounds(cls=None) -> dict[str, tuple]:
+    """Dotted key -> (least, most, above) of every field that has bounds (`setting`), nested configs included."""
+    return {key: f.metadata["bounds"] for key, _, f in fields_of(cls) if f.metadata.get("bounds")}
+
+
+def fields_of(cls=None, prefix: str = ""):
+    """(dotted key, type, field) of every setting, depth first; a nested config comes before its own fields."""
+    cls = cls or Config
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        yield key, hints[f.name], f
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from fields_of(hints[f.name], key)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) if get_origin(tp) is None else str(tp).replace("typing.", "")
+
+
+def config_reference() -> str:
+    """The configuration reference (markdown): every key with its type, its value in each preset, its bounds and its
+    line of help, from the fields themselves (`setting`)."""
+    presets = {n: f() for n, f in PRESETS.items()}
+    lines = ["# Configuration reference", "",
+             "Written by `python -m pipelines.config_reference` from `platform/med3dvlm/config.py` (a test checks that "
+             "it is current). Any command takes `--config PRESET|FILE` and then `key=value` overrides; a YAML file "
+             "holds the same keys nested, with `base: <preset>` (default paper).", "",
+             "| key | type | " + " | ".join(presets) + " | bounds | what it sets |",
+             "|---|---|" + "---|" * len(presets) + "---|---|"]
+    for key, tp, f in fields_of():
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"| **{key}** | | " + " | " * len(presets) + f" | {f.metadata['help']} |")
+            continue
+        values = []
+        for cfg in presets.values():
+            v = cfg
+            for part in key.split("."):
+                v = getattr(v, part)
+            values.append(f"`{json.dumps(v)}`")
+        b = f.metadata.get("bounds")
+        lines.append(f"| `{key}` | {_type_name(tp)} | " + " | ".join(values) + " | "
+                     + (bounds_text(*b) if b else "") + f" | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"
 
 
 def check_bounds(cfg: Config) -> Config:
-    """Every number of `BOUNDS` within its bounds (each of a tuple's), else ValueError naming the key."""
-    for key, (least, most, *above) in BOUNDS.items():
+    """Every number within its field's bounds (each of a tuple's), else ValueError naming the key."""
+    for key, (least, most, above) in bounds(type(cfg)).items():
         value = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        if not all(number_ok(v, least, most, above=bool(above)) for v in
+        if not all(number_ok(v, least, most, above=above) for v in
                    (value if isinstance(value, (tuple, list)) else (value,))):
-            raise ValueError(f"config key '{key}' is {value!r}; it must be {bounds_text(least, most, bool(above))}")
+            raise ValueError(f"config key '{key}' is {value!r}; it must be {bounds_text(least, most, above)}")
     return cfg
 
 
