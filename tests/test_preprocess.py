@@ -130,3 +130,45 @@ def test_generic_layout_of_nifti_npy_and_dicom(ray_session, tmp_path):
     m = preprocess(load_config("tiny"), raw, tmp_path / "out", log=lambda *_: None)
     assert m["layout"] == "generic" and m["counts"]["rows"] == 3 and m["counts"]["quarantined"] == 1
     assert "none.nii: image does not exist" in m["quarantine"][0]["reason"]
+
+
+def test_a_worker_killed_mid_run_has_its_shard_redone_byte_identically(ray_session, synthetic_m3d, tmp_path):
+    """Ray Data runs each shard as a task and runs a task again when its worker dies: a shard worker SIGKILLed while
+    it works leaves no partial file under a final name, and the run ends with the bytes of an uninterrupted one."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from med3dvlm.config import load_config
+
+    raw, _ = synthetic_m3d
+    cfg = load_config("tiny", ["data.rows_per_shard=3"])  # many small shards: a worker is caught mid-shard
+    quiet = lambda *_: None  # noqa: E731
+    whole = preprocess(cfg, raw, tmp_path / "whole", log=quiet)
+    killed, stop = [], threading.Event()
+
+    def killer():
+        while not stop.is_set() and not killed:
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if "process_shard_row" in " ".join(proc.info["cmdline"] or []):
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+                    break
+            time.sleep(0.01)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        again = preprocess(cfg, raw, tmp_path / "killed", log=quiet)
+    finally:
+        stop.set()
+        t.join()
+    assert killed, "no shard worker was found to kill"
+    assert again["counts"] == whole["counts"] and again["quarantine"] == whole["quarantine"]
+    names = sorted(os.listdir(tmp_path / "whole" / "volumes"))
+    assert sorted(os.listdir(tmp_path / "killed" / "volumes")) == names  # no partial file left, under any name
+    for n in names:
+        assert (tmp_path / "killed" / "volumes" / n).read_bytes() == (tmp_path / "whole" / "volumes" / n).read_bytes()

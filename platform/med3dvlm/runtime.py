@@ -110,7 +110,10 @@ def data_settings() -> dict:
             "enable_progress_bars": sys.stderr.isatty(), "log_level": log_level()}
 
 
-def configure_data_context(settings: dict | None = None) -> None:
+def configure_data_context(settings: dict | None = None, preserve_order: bool = False) -> None:
+    """The one place that sets Ray Data's context for preprocessing, training ingest and evaluation: its logging,
+    progress bars and reader (`data_settings`), and, where asked, rows in their input order (`preserve_order`; once
+    on in a process, it stays on). A task that dies with its worker is run again by Ray Data's own default."""
     from ray.data import DataContext
 
     settings = dict(settings or data_settings())
@@ -118,6 +121,8 @@ def configure_data_context(settings: dict | None = None) -> None:
     ctx = DataContext.get_current()
     for k, v in settings.items():
         setattr(ctx, k, v)
+    if preserve_order:
+        ctx.execution_options.preserve_order = True
 
 
 def task_cpus() -> float:

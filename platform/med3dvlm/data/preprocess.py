@@ -1,8 +1,9 @@
-"""The preprocessing run: raw data -> Parquet shards + manifest.json, one Ray task per shard, one per core at a time.
+"""The preprocessing run: raw data -> Parquet shards + manifest.json, on Ray Data, one shard a task, one per core at a
+time.
 
-The driver builds the manifest (folder listing, JSON/CSV parsing) and the shard plan; each shard is one task that
-reads, transforms and writes its volumes. Finished shards are skipped on a re-run. count(inputs) == count(rows) +
-count(quarantined), always.
+The driver builds the manifest (folder listing, JSON/CSV parsing) and the shard plan; the plan becomes a Ray Dataset
+whose `map` reads, transforms and writes each shard's volumes. Finished shards are skipped on a re-run.
+count(inputs) == count(rows) + count(quarantined), always.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import re
 import resource
 import time
-from collections import Counter, deque
+from collections import Counter
 
 from med3dvlm import storage
 from med3dvlm.data.manifest import ManifestError, build_manifest, case_split
@@ -39,6 +40,7 @@ def preprocess(cfg, raw, out, log=print) -> dict:
         f"{len(specs)} shards of up to {cfg.data.rows_per_shard} volumes -> {out} (manifest and plan in {planned:.1f} s)")
     _delete_stale_shards(out, {s["index"] for s in specs})
     results, peak = _run_shards(specs, per_task, slots, started, log)
+    _delete_partial_files(out)  # a worker killed while writing left its temporary file (never a final name)
     manifest = _manifest(cfg, raw, items, qa_quarantine, results)
     text = json.dumps(manifest, indent=1)
     save_assignment(out, assignment)
@@ -69,6 +71,13 @@ def _delete_stale_shards(out: str, planned: set[int]) -> None:
             storage.delete(storage.join(out, "_state", f"{name}.json"))
 
 
+def _delete_partial_files(out: str) -> None:
+    """The temporary files of shard tasks whose worker died mid-write (`shards.process_shard` writes a local shard
+    as `.part-NNNNN-*.parquet.tmp` beside its final name and renames it whole)."""
+    for p in storage.list_files(storage.join(out, "volumes"), ".part-", ".parquet.tmp"):
+        storage.delete(p)
+
+
 def _task_slots() -> tuple[float, int]:
     """(logical CPUs per shard task, tasks that run at once): one task per core, whatever Ray's logical count (a
     local Ray has twice the cores; four workers importing torch at once on two cores were slower than two)."""
@@ -78,21 +87,21 @@ def _task_slots() -> tuple[float, int]:
 
 
 def _run_shards(specs: list[dict], per_task: float, slots: int, started: float, log) -> tuple[list[dict], float]:
-    """Each shard as one Ray task, at most two per slot in flight (the driver holds the rest), results as they end.
+    """The shard plan as a Ray Dataset, one row a shard, read + transform + write by a Ray Data `map` task each
+    (`shards.process_shard_row`): Ray Data's streaming executor bounds what is in flight, places the tasks across the
+    nodes, shows its progress, and retries a task whose worker died, so a killed worker's shard is done again (a
+    shard is written under its final name only whole, and a redone shard is byte-identical). Results arrive as the
+    shards end; our own line every 10 s at most (every shard for a small plan)."""
+    import ray.data
 
-    Plain tasks, not Ray Data: a shard is a unit of work, not a stream of rows, and Ray Data's executor cost about
-    5 s of start-up per command here."""
-    import ray
+    from med3dvlm.data.shards import process_shard_row
 
-    from med3dvlm.data.shards import process_shard
-
-    task = ray.remote(process_shard).options(num_cpus=per_task, runtime_env={"env_vars": allocator_env()})
-    todo, running, results, peak, last = deque(specs), [], [], 0.0, 0.0
-    while todo or running:
-        while todo and len(running) < 2 * slots:
-            running.append(task.remote(todo.popleft()))
-        done, running = ray.wait(running, num_returns=1)
-        r = ray.get(done[0])
+    plan = ray.data.from_items([{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs))
+    done = plan.map(process_shard_row, num_cpus=per_task, compute=ray.data.TaskPoolStrategy(size=slots),
+                    runtime_env={"env_vars": allocator_env()})  # Ray Data's tasks retry a dead worker's work
+    results, peak, last = [], 0.0, 0.0
+    for row in done.iter_rows():
+        r = json.loads(row["result"])
         peak = max(peak, r.pop("worker_peak_rss_mb", 0.0))
         results.append(r)
         if len(specs) <= 20 or time.time() - last > 10 or len(results) == len(specs):  # a bounded number of lines

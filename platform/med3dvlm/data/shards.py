@@ -113,6 +113,12 @@ def process_shard(spec: dict) -> dict:
     return {**done, "skipped": False, "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def process_shard_row(row: dict) -> dict:
+    """`process_shard` as a Ray Data `map` function: the spec in, the result out, each as JSON text (one column each,
+    so Arrow never reshapes the nested items)."""
+    return {"result": json.dumps(process_shard(json.loads(row["spec"])))}
+
+
 def _input_fingerprint(items: list[dict]) -> str:
     """What says a shard's inputs changed: each input's file names, sizes and modification times."""
     fp = hashlib.sha256()

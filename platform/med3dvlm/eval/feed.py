@@ -5,11 +5,10 @@ from __future__ import annotations
 
 
 def dataset(ec: EvalConfig, columns: list[str]):
-    from ray.data import DataContext
-
     from med3dvlm.data.shards import read_shards
+    from med3dvlm.runtime import configure_data_context
 
-    DataContext.get_current().execution_options.preserve_order = True  # "the first N test pairs" means shard order
+    configure_data_context(preserve_order=True)  # "the first N test pairs" means shard order
 
     def read(cols):
         ds = read_shards(ec.shards, split=ec.splits if len(ec.splits) > 1 else ec.splits[0],

@@ -37,10 +37,6 @@ class StageData:
         self.settings = {**data_settings(), "enable_progress_bars": False}
 
     def __call__(self):
-        from ray.data import DataContext
-
-        configure_data_context(self.settings)
-        if self.args[0].train.preserve_order:
-            DataContext.get_current().execution_options.preserve_order = True
+        configure_data_context(self.settings, preserve_order=self.args[0].train.preserve_order)
         ds = build_dataset(*self.args)
         return ds.materialize() if self.args[0].train.materialize else ds  # read, decode and tokenise once
