@@ -10,6 +10,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export NLTK_DATA := $(CURDIR)/.venv/nltk_data
+# PyTorch's CPU wheel (pip's default index would pull the multi-GB CUDA build). On a GPU machine `make setup
+# TORCH_INDEX=` (empty: pip's default index, whose Linux wheel is the CUDA build) or PyTorch's index for its CUDA.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -22,7 +25,7 @@ $(STAMP): requirements.txt pyproject.toml
 		|| echo "warning: could not install wordnet-base wordnet-sense-index chromium chromium-driver"; fi
 	@[ -x $(PY) ] || python3 -m venv .venv
 	$(PY) -m pip install -q --disable-pip-version-check -U pip
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m med3dvlm.eval.nltk_data
 	@rm -f .venv/.stamp-*; touch $(STAMP)

@@ -81,7 +81,21 @@ def data_settings(meta: dict, config: str | None) -> dict:
 
 
 def build_app(args: dict) -> serve.Application:
-    """`serve run med3dvlm.serve.app:build_app model=DIR [clip=DIR index=SHARDS] [token=...] ...`"""
+    """`serve run med3dvlm.serve.app:build_app model=DIR [clip=DIR index=SHARDS] [token=...] ...`: bad arguments or
+    exports raise ValueError naming them; under the `serve` command line, one line and exit 2 instead of a traceback."""
+    from med3dvlm.runtime import UserError
+    from med3dvlm.storage import StoreError
+
+    try:
+        return _build_app(args)
+    except (ValueError, UserError, StoreError) as e:
+        if os.path.basename(sys.argv[0]) != "serve":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _build_app(args: dict) -> serve.Application:
     from med3dvlm import storage
     from med3dvlm.models.export import CLIP, VLM, check_tensors, read_meta
     from med3dvlm.runtime import apply_env_defaults

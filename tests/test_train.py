@@ -154,10 +154,26 @@ def test_train_workers_and_preprocessing_run_with_an_allocator_that_keeps_freed_
     assert default > 20 * 30_000 and kept < default / 5  # 32,768 pages a block: 20 blocks by default, ~1 kept
 
 
+def _other_vocabulary(export: str, out) -> str:
+    """A copy of a stage-2 export whose tokenizer has one more token than the config's LLM tokenises with."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(export, out)
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    tok.add_tokens(["hepatomegaly"])
+    tok.save_pretrained(out / "tokenizer")
+    return str(out)
+
+
 def test_bad_input_fails_before_any_worker_starts(shards, tmp_path, chain):
     cfg = cfg_for()
     s = str(shards[0])
+    other = _other_vocabulary(chain[2]["export"], tmp_path / "other-vocab")
     cases = [
+        (lambda: train(cfg, 3, s, str(tmp_path), other), "its tokenizer (.* tokens) is not model.llm=tiny-qwen2's"),
+        (lambda: train(cfg_for("model.llm=/no/such/llm"), 3, s, str(tmp_path), chain[2]["export"]), "does not exist"),
         (lambda: train(cfg, 1, str(tmp_path / "nothing"), str(tmp_path)), "no shards there"),
         (lambda: train(cfg, 2, s, str(tmp_path)), "pass --init"),
         (lambda: train(cfg, 3, s, str(tmp_path), chain[1]["export"]), "needs the export of stage 2"),

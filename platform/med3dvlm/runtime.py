@@ -207,9 +207,11 @@ def package_version() -> str:
 
 def run_cli(main):
     """Apply the environment defaults, run `main()`; bad input exits 2 with one line, never a traceback."""
+    from med3dvlm.storage import StoreError
+
     apply_env_defaults()
     try:
         return main()
-    except UserError as e:
+    except (UserError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

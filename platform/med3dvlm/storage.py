@@ -22,6 +22,25 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+class StoreError(OSError):
+    """A store that cannot be reached or read (no such host, no credentials, no such bucket): the location and the
+    store's own reason, on one line; entry points print it as such (exit 2)."""
+
+
+@contextmanager
+def _store(loc):
+    """pyarrow's errors for `loc` as a StoreError naming it (its reason is the first line of theirs)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:  # pyarrow: OSError for the store, ArrowInvalid (a ValueError) for the URI
+        if isinstance(e, StoreError) or not is_uri(loc):
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise StoreError(f"{loc}: the store cannot be read ({reason})") from None
+
+
 def is_uri(loc: str | Path) -> bool:
     return "://" in str(loc)
 
@@ -57,8 +76,9 @@ def join(loc: str | Path, *parts: str) -> str:
 
 
 def _info(loc):
-    fs, path = resolve(loc)
-    return fs.get_file_info(path)
+    with _store(loc):
+        fs, path = resolve(loc)
+        return fs.get_file_info(path)
 
 
 def is_file(loc) -> bool:
@@ -116,8 +136,9 @@ def list_files(loc, prefix: str = "", suffix: str = "") -> list[str]:
     """Files directly under `loc` whose names match, sorted; [] when `loc` does not exist."""
     import pyarrow.fs as pafs
 
-    fs, path = resolve(loc)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    with _store(loc):
+        fs, path = resolve(loc)
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
     return [join(loc, n) for n in names if n.startswith(prefix) and n.endswith(suffix)]
 

@@ -141,6 +141,9 @@ def check_inputs(ec: EvalConfig) -> int:
     """Every reason to refuse, before Ray starts. Returns the number of volumes in the evaluated split."""
     from med3dvlm.data.shards import read_table, shard_files
 
+    if ec.bertscore and ec.bertscore_model and not storage.is_file(storage.join(ec.bertscore_model, "config.json")):
+        raise UserError(f"--bertscore-model {ec.bertscore_model}: no config.json there (give a local model directory; "
+                        f"models are never downloaded)")
     try:
         read_meta(ec.model, get_task(ec.task).kind)
         check_tensors(ec.model)

@@ -24,7 +24,7 @@ import torch
 from med3dvlm import storage
 from med3dvlm.models.convert import from_released, to_released
 from med3dvlm.models.export import VLM as VLM_KIND
-from med3dvlm.models.export import data_info, model_dir, read_meta, write_meta
+from med3dvlm.models.export import ExportError, check_tensors, data_info, model_dir, read_meta, write_meta
 from med3dvlm.config import config_from_dict
 from med3dvlm.runtime import UserError
 
@@ -279,7 +279,11 @@ def export_released(export: str, out: str, max_shard_bytes: int = 5 << 30, log=p
 
     from med3dvlm.models.vlm import VLM
 
-    meta = read_meta(export, VLM_KIND)
+    try:
+        meta = read_meta(export, VLM_KIND)
+        check_tensors(export)
+    except ExportError as e:
+        raise UserError(f"--checkpoint {e}") from None
     vlm = VLM.from_pretrained(export).eval()
     if vlm.lora:
         vlm.llm = vlm.llm.merge_and_unload()

@@ -116,11 +116,16 @@ class InstructionStage(Stage):
 
     columns = ("volume_id", "volume", "report", "qa")
 
+    def check_models(self, cfg, init):
+        _exists_or_refuse("model.llm", cfg.model.llm, BUILTIN_LLM)  # its tokenizer tokenises the samples
+
     def check_init(self, cfg, init, meta):
         super().check_init(cfg, init, meta)
-        if meta and self.init_kind == VLM and tuple(meta["input_shape"]) != tuple(cfg.data.shape):
-            raise UserError(f"--init {init}: trained at {tuple(meta['input_shape'])}, the config asks for "
-                            f"{tuple(cfg.data.shape)}")
+        if meta and self.init_kind == VLM:
+            if tuple(meta["input_shape"]) != tuple(cfg.data.shape):
+                raise UserError(f"--init {init}: trained at {tuple(meta['input_shape'])}, the config asks for "
+                                f"{tuple(cfg.data.shape)}")
+            _same_vocabulary(cfg, init, meta)
 
     def build_model(self, cfg, init: str | None):
         from med3dvlm.models.vlm import VLM as Model
@@ -160,9 +165,6 @@ class ProjectorStage(InstructionStage):
     init_kind: str = CLIP
     yes_no: bool = False
 
-    def check_models(self, cfg, init):
-        _exists_or_refuse("model.llm", cfg.model.llm, BUILTIN_LLM)
-
     def build_model(self, cfg, init: str | None):
         from med3dvlm.models.clip import CLIPModel
         from med3dvlm.models.vlm import VLM as Model
@@ -172,6 +174,21 @@ class ProjectorStage(InstructionStage):
             model.vision.load_state_dict(CLIPModel.from_pretrained(init).vision.state_dict())
         model.set_stage(self.number)
         return model
+
+
+def _same_vocabulary(cfg, init: str, meta: dict) -> None:
+    """The export's tokenizer is the one the run tokenises its samples with (`model.llm`'s, plus the image token):
+    an id the export's embeddings lack would fail in a worker a minute later as an IndexError."""
+    from transformers import AutoTokenizer
+
+    from med3dvlm.models.prompt import vlm_tokenizer
+
+    theirs = AutoTokenizer.from_pretrained(storage.local_path(storage.join(init, "tokenizer")), local_files_only=True)
+    ours = vlm_tokenizer(cfg.model.llm)
+    if theirs.get_vocab() != ours.get_vocab():
+        raise UserError(f"--init {init}: its tokenizer ({len(theirs)} tokens) is not model.llm={cfg.model.llm}'s "
+                        f"({len(ours)} tokens), which tokenises the samples; pass the model.llm it was trained with "
+                        f"(its config.json says {meta['model']['llm']})")
 
 
 def _augmented(ds, augment: bool):
