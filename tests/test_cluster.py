@@ -107,3 +107,56 @@ def test_launcher_and_runtime_env():
 def test_a_bad_override_in_a_job_would_be_caught():
     with pytest.raises(ValueError):
         _check_entrypoint("python -m pipelines.train --stage 1 --config paper --shards /s --out /o train.num_wrkers=8")
+
+
+def test_every_cluster_config_turns_on_rays_token_auth():
+    for f in ("raycluster.yaml", "rayservice.yaml"):
+        spec = _docs(CLUSTER / "kuberay" / f)[0]["spec"]
+        spec = spec.get("rayClusterConfig", spec)
+        assert spec["authOptions"] == {"mode": "token"}, f
+    c = _docs(CLUSTER / "cluster.yaml")[0]
+    starts = c["head_start_ray_commands"] + c["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in cmd for cmd in starts if "ray start" in cmd)
+    assert any(k.endswith(".ray/auth_token") for k in c["file_mounts"])  # the same token on every node
+
+
+def test_the_launcher_marks_each_placeholder():
+    lines = (CLUSTER / "cluster.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "ami-0abcdef" in line or "fs-12345678" in line:
+            assert "PLACEHOLDER" in line or "PLACEHOLDER" in lines[i - 1], line
+
+
+def test_the_container_recipe_agrees_with_the_pins_and_the_manifests():
+    """Ray and Python versions, the install path, the image name and the shared volume agree across the Dockerfile,
+    pyproject.toml and the KubeRay manifests; hadolint passes it (it is linted here, not built)."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import tomllib
+
+    docker = (CLUSTER / "Dockerfile").read_text()
+    arg = lambda name: re.search(rf"^ARG {name}=(\S*)", docker, re.M).group(1)  # noqa: E731
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ray_pin = next(d for d in project["dependencies"] if d.startswith("ray["))
+    assert ray_pin.endswith(f"=={arg('RAY_VERSION')}")
+    assert arg("PYTHON") == f"py{sys.version_info.major}{sys.version_info.minor}"  # the Python the suite runs on
+    assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON}${VARIANT}" in docker and "torch==2.13.0" in docker
+    nltk = re.search(r"NLTK_DATA=(\S+)", docker).group(1)
+    assert "COPY --chown=1000:100 . /app" in docker and f"nltk_data {nltk}" in docker
+    jobs = _docs(CLUSTER / "kuberay" / "jobs.yaml")
+    for job in jobs:
+        env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+        assert env["working_dir"] == "/app" and env["env_vars"]["NLTK_DATA"] == nltk
+    svc = _docs(CLUSTER / "kuberay" / "rayservice.yaml")[0]
+    assert all(a["runtime_env"]["working_dir"] == "/app" for a in yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"])
+    manifests = [(CLUSTER / "kuberay" / f).read_text() for f in ("raycluster.yaml", "rayservice.yaml")]
+    images = set(re.findall(r"image: (\S+)", "\n".join(manifests)))
+    assert images == {f"REGISTRY/med3dvlm:{project['version']}-gpu"}
+    claims = set(re.findall(r"claimName: (\S+?)\}", "\n".join(manifests)))
+    pvc = _docs(CLUSTER / "kuberay" / "shared.yaml")[0]
+    assert claims == {pvc["metadata"]["name"]} and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    r = subprocess.run([hadolint, str(CLUSTER / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -69,3 +69,73 @@ def test_serve_run_with_a_missing_model_folder(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, r.stderr[-2000:]
     lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and str(tmp_path / "nope") in lines[0] and "no config.json" in lines[0], r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ token auth
+def _readme_job_script(dashboard: str, modules: int = 99) -> str:
+    """The README's job-submission block as a script: its exports and `J=` as written (the head's address put in
+    for HEAD), each `$J python -m MODULE ...` line once per module (the first `modules`), `--help` for its arguments."""
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in text.split("```bash")[1:] if "export RAY_AUTH_MODE=token" in b).split("```")[0]
+    lines, seen = [], set()
+    for line in block.strip().splitlines():
+        if line.startswith(("export ", "J=")):
+            lines.append(line.replace("HEAD:8265", dashboard))
+        elif line.startswith("$J python -m "):
+            module = line.split()[3]
+            if module not in seen:
+                seen.add(module)
+                lines += [f"$J python -m {module} --help"] if len(seen) <= modules else []
+    assert len(seen) >= 4 and any("RAY_AUTH_TOKEN" in x for x in lines), lines
+    return "set -e\n" + "\n".join(lines) + "\n"
+
+
+def _head(tmp_path, name: str, auth: bool):
+    """A local Ray head (`ray start --head --block`) in a home of its own with a token in ~/.ray/auth_token; with
+    `auth`, RAY_AUTH_MODE=token as the cluster configs start it, else Ray's defaults."""
+    from conftest import free_port
+
+    home = tmp_path / name
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+               RAY_USAGE_STATS_ENABLED="0")
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True, timeout=60)
+    dash = free_port()
+    ports = [f"--{k}={free_port()}" for k in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                             "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
+                                             "object-manager-port")]
+    head_env = {**env, "RAY_AUTH_MODE": "token"} if auth else env
+    proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--dashboard-port={dash}", "--num-cpus=2",
+                             "--dashboard-host=127.0.0.1", f"--temp-dir=/tmp/rtok{os.getpid()}{name}",
+                             "--disable-usage-stats", "--object-store-memory=200000000", *ports],
+                            env=head_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{dash}"
+    for _ in range(90):
+        if subprocess.run(["ray", "job", "list", "--address", url], env=head_env, capture_output=True).returncode == 0:
+            break
+        time.sleep(1)
+    return proc, env, f"127.0.0.1:{dash}"
+
+
+@pytest.mark.ray
+def test_the_readme_job_lines_reach_a_head_with_token_auth_and_one_with_rays_defaults(tmp_path):
+    import shutil
+    import signal
+
+    for name, auth in (("token", True), ("defaults", False)):
+        proc, env, dash = _head(tmp_path, name, auth)
+        try:
+            if auth:  # the head really asks for the token: without the README's exports a submission is refused
+                r = subprocess.run(["ray", "job", "submit", "--address", f"http://{dash}", "--", "true"], cwd=ROOT,
+                                   env=env, capture_output=True, text=True, timeout=120)
+                assert r.returncode != 0 and "AuthenticationError" in r.stdout + r.stderr
+            n = 4 if auth else 1  # every module's line through the token head; one through the defaults head
+            r = subprocess.run(["bash", "-c", _readme_job_script(dash, n)], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=600)
+            assert r.returncode == 0, (name, (r.stdout + r.stderr)[-3000:])
+            assert r.stdout.count("succeeded") == n and "usage: " in r.stdout, r.stdout[-2000:]
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+            shutil.rmtree(f"/tmp/rtok{os.getpid()}{name}", ignore_errors=True)
