@@ -6,7 +6,8 @@ samples, batch, learning rate and cosine schedule as the demo's two workers toge
 features computed once (the tower is frozen in stages 2-3, so a step is the projector and the LLM only), and prints
 every `--every` steps the held-out letter accuracy (the letter the model puts first, among A-D) and on the training
 volumes; at the end, the benchmark's lenient rule and the `named` diagnostic by greedy generation, each with the
-volumes shuffled across cases (the control).
+volumes shuffled across cases (the control). Held out here means the validation cases (`case_split=validation`)
+only: a setting chosen with this script is chosen on validation, and the demo reports on test cases it never reads.
 
 `--small-vocab` builds the LLM with only the vocabulary the training texts use (`train.tiny_llm`; the 30,522 x 64
 vocabulary matrices are 98% of its parameters and most of a step's cost), still random; `--pretrain-steps N` also
@@ -137,7 +138,7 @@ def main():
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     held = {r["volume_id"] for r in read_table(args.shards, ["volume_id", "case_split"]).to_pylist()
-            if r["case_split"] != "train"}
+            if r["case_split"] == "validation"}  # selection reads validation only; the demo's verdict is on test
     cols = ["volume_id", "report", "qa", "volume"]
     train = read_table(args.shards, cols, split="train")
     test = read_table(args.shards, cols)

@@ -10,12 +10,20 @@ from pathlib import Path
 from med3dvlm.runtime import init_ray, write_run_json
 
 
+# The demo's data and split. Its verdict is read on test cases that no selection read: the synthetic tree is drawn
+# with a seed (1) other than the one the tiny preset's settings were chosen on (0, `bench/closed_vqa_steps.py`, which
+# reads the validation cases only), and a test split of 30% of the cases, so that ~36 of its 120 cases are scored.
+DEMO_SEED = 1
+DEMO_OVERRIDES = ["data.case_split=[0.6,0.1,0.3]"]
+VERDICT_SPLIT = "test"
+
+
 def heldout(shards: str, stage1: str, stage3: str, out: Path) -> dict:
-    """Evaluation on the leak-free validation+test cases: retrieval (stage 1; its shuffled-image control comes with
-    it), closed VQA and reports (stage 3), each also with the volumes shuffled across samples (the control)."""
+    """Evaluation on the leak-free test cases: retrieval (stage 1; its shuffled-image control comes with it), closed
+    VQA and reports (stage 3), each also with the volumes shuffled across samples (the control)."""
     from med3dvlm.eval.runner import EvalConfig, evaluate
 
-    common = {"shards": shards, "split": "validation,test", "split_field": "case_split", "bertscore": False}
+    common = {"shards": shards, "split": VERDICT_SPLIT, "split_field": "case_split", "bertscore": False}
     runs = {"retrieval": ("retrieval", stage1, {}),
             "vqa-closed": ("vqa-closed", stage3, {"max_new_tokens": 16}),
             "report": ("report", stage3, {"max_new_tokens": 64, "no_repeat_ngram_size": 4})}
@@ -55,8 +63,9 @@ def _f(x) -> str:
 
 def print_table(check: dict, rows: list[dict], seconds: float, log) -> None:
     rb, vqa = check["retrieval"]["baselines"], check["vqa-closed"]["metrics"]
-    log(f"\n[demo] held-out check (pipelines.evaluate) on {rb['n']} volumes of unseen cases ({rb['distinct_reports']} "
-        f"distinct reports, {vqa['n']} closed questions), {seconds:.0f} s")
+    log(f"\n[demo] held-out check (pipelines.evaluate) on the {VERDICT_SPLIT} cases (case_split={VERDICT_SPLIT}; no "
+        f"training or selection read them): {rb['n']} volumes ({rb['distinct_reports']} distinct reports, {vqa['n']} "
+        f"closed questions), {seconds:.0f} s")
     log("| metric | value (95% interval) | chance | blind baseline | shuffled images | target | margin |\n"
         "|---|--:|--:|--:|--:|---|--:|")
     for r in rows:
@@ -78,7 +87,7 @@ def print_table(check: dict, rows: list[dict], seconds: float, log) -> None:
             f"{k} {100 * v:.0f}% ({100 * ctrl['per_type'][k]:.0f}%)" for k, v in named["per_type"].items()))
 
 
-def run_demo(cfg, out: str | Path = "out/demo", cases: int = 100, log=print, llm_steps: int = 3000) -> dict:
+def run_demo(cfg, out: str | Path = "out/demo", cases: int = 120, log=print, llm_steps: int = 3000) -> dict:
     """`llm_steps`: the tiny LLM's text pretraining (`train.tiny_llm`) before stage 2; 0: a random LLM (as the
     `tiny` config alone), and a `model.llm` path of the user's is used as given."""
     from med3dvlm.data.preprocess import preprocess, summary
@@ -87,7 +96,7 @@ def run_demo(cfg, out: str | Path = "out/demo", cases: int = 100, log=print, llm
     from med3dvlm.train.driver import train
 
     started, out = time.time(), Path(out)
-    counts = write_m3d_tree(out / "raw", cases=cases, seed=0, bad=True)
+    counts = write_m3d_tree(out / "raw", cases=cases, seed=DEMO_SEED, bad=True)
     log(f"[demo] synthetic M3D tree: {counts['volumes']} volumes of {counts['cases']} cases, {counts['qa']} questions, "
         f"{counts['planted_bad']} planted bad inputs ({time.time() - started:.0f} s)")
     init_ray()
