@@ -1,4 +1,5 @@
-"""Write the configuration reference (every key, its type, its value in each preset, its bounds, one line of help).
+"""Write the settings reference: every config key (its type, its value in each preset, its bounds, one line of
+help), then the evaluation settings and the Serve app's arguments, all from the fields themselves.
 
     python -m pipelines.config_reference [--out platform/config.md]
 """
@@ -14,13 +15,25 @@ from .common import run_main
 DEFAULT = Path(__file__).resolve().parents[1] / "platform" / "config.md"
 
 
-def main(argv=None):
-    from med3dvlm.config import config_reference
+def reference_text() -> str:
+    from med3dvlm.config import config_reference, settings_reference
+    from med3dvlm.eval.runner import EvalConfig
+    from serve.app import AppArgs
 
+    return "\n".join([
+        config_reference(),
+        settings_reference("Evaluation settings", EvalConfig, "`pipelines.evaluate`: as flags (`--max-new-tokens`), "
+                           "`key=value` overrides or a YAML file of them (`--config FILE`)."),
+        settings_reference("Serve app arguments", AppArgs, "`serve run med3dvlm.serve.app:build_app key=value ...` or "
+                           "`args:` in a Serve config file."),
+    ])
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(DEFAULT), help="the markdown file to write")
     args = p.parse_args(argv)
-    Path(args.out).write_text(config_reference())
+    Path(args.out).write_text(reference_text())
     print(f"[config] {args.out}")
 
 

@@ -24,24 +24,50 @@ DeploymentHandles. Arguments (`key=value` after the import path, or `args:` in Y
                    often replicas report them (Serve's own defaults: 30 / 10 s); shorter reacts sooner
 """
 
+import dataclasses
 import os
 import sys
 
 from ray import serve
 
+from med3dvlm.config import number_rules, setting
+
 from .api import Api
 from .deployments import Encoder, Generator, Preprocessor, Retriever
 
-__all__ = ["build_app", "APP_ARGS", "Api", "Encoder", "Generator", "Preprocessor", "Retriever"]
+__all__ = ["build_app", "APP_ARGS", "AppArgs", "Api", "Encoder", "Generator", "Preprocessor", "Retriever"]
+
+
+@dataclasses.dataclass
+class AppArgs:
+    """The application's arguments (`key=value` after the import path, or `args:` in YAML), each with its help and
+    its bounds beside it (`config.setting`); `check_args` holds a dict of them to these."""
+
+    model: str | None = setting(None, "stage-2/3 export for reports and VQA (path or URI)")
+    clip: str | None = setting(None, "stage-1 export for retrieval (with index)")
+    index: str | None = setting(None, "shards whose volumes and reports retrieval searches (with clip)")
+    index_split: str | None = setting(None, "only this split in the index (None: all)")
+    index_split_field: str = setting("split", "the field index_split reads: split or case_split")
+    config: str | None = setting(None, "preprocessing preset or YAML (default: as the export records its data)")
+    token: str | None = setting(None, "bearer token (or $MED3DVLM_SERVE_TOKEN); none: no auth")
+    max_upload_mb: float = setting(256, "upload limit in MiB", 0.001)
+    cache_size: int = setting(256, "uploads kept for follow-up requests", 1)
+    uploads: str | None = setting(None, "where uploads are kept: a path or URI every ingress replica reaches")
+    device: str = setting("cpu", "cpu or cuda[:N]")
+    dtype: str | None = setting(None, "Encoder and Generator weights: float32 (None), bfloat16, float16 (GPU)")
+    replica_cpus: float | None = setting(None, "CPUs per replica for every deployment", 0.001)
+    gpus_per_replica: float | None = setting(None, "GPUs per Encoder and Generator replica with device=cuda (1)", 0.001)
+    replicas: int | None = setting(None, "a fixed number of Encoder and Generator replicas instead of autoscaling", 1)
+    ingress_replicas: int | None = setting(None, "a fixed number of Api (HTTP ingress) replicas", 1)
+    upscale_delay_s: float | None = setting(None, "autoscaling: seconds before adding replicas (5)", 0.0)
+    downscale_delay_s: float | None = setting(None, "autoscaling: seconds before removing replicas (60)", 0.0)
+    look_back_period_s: float | None = setting(None, "autoscaling: the window ongoing requests are averaged over", 0.0)
+    metrics_interval_s: float | None = setting(None, "autoscaling: how often replicas report their load", 0.0)
+
+
 AUTOSCALE_ARGS = ("upscale_delay_s", "downscale_delay_s", "look_back_period_s", "metrics_interval_s")
-APP_ARGS = {"model", "clip", "index", "index_split", "index_split_field", "config", "token", "max_upload_mb",
-            "cache_size", "uploads", "device", "dtype", "replica_cpus", "gpus_per_replica", "replicas",
-            "ingress_replicas", *AUTOSCALE_ARGS}
-
-
-NUMBERS = {"max_upload_mb": (float, 0.001), "cache_size": (int, 1), "replica_cpus": (float, 0.001),  # name ->
-           "gpus_per_replica": (float, 0.001), "replicas": (int, 1), "ingress_replicas": (int, 1),  # (type, least)
-           **{k: (float, 0.0) for k in AUTOSCALE_ARGS}}
+APP_ARGS = {f.name for f in dataclasses.fields(AppArgs)}
+NUMBERS = {name: (kind, least) for name, (kind, least, _) in number_rules(AppArgs).items()}  # name -> (type, least)
 
 
 def check_args(args: dict) -> None:

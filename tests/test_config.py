@@ -156,13 +156,21 @@ def test_every_key_has_its_help_and_the_reference_is_current():
     without a line of help, or a reference not regenerated after a change, fails here."""
     from pathlib import Path
 
-    from med3dvlm.config import config_reference, fields_of
+    import dataclasses
+
+    from med3dvlm.config import fields_of
+    from med3dvlm.eval.runner import EvalConfig
+    from pipelines.config_reference import reference_text
+    from serve.app import AppArgs
 
     assert all(f.metadata.get("help") for _, _, f in fields_of())
+    assert all(f.metadata.get("help") for cls in (EvalConfig, AppArgs) for f in dataclasses.fields(cls) if f.init)
     reference = Path(__file__).resolve().parents[1] / "platform" / "config.md"
-    assert reference.read_text() == config_reference(), "run: python -m pipelines.config_reference"
+    assert reference.read_text() == reference_text(), "run: python -m pipelines.config_reference"
     text = reference.read_text()
     assert "`train.stage3.lr` | float | `5e-05` | `5e-05` | `0.001` | above 0 |" in text  # value per preset, bounds
+    assert "| `max_new_tokens` | int | `256` | at least 1 and at most 4096 |" in text  # evaluation's
+    assert "| `replicas` | int or None | `null` | at least 1 |" in text  # the Serve app's
 
 
 def test_the_bounds_sit_beside_their_fields_and_are_checked():

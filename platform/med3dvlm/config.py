@@ -335,6 +335,24 @@ def bounds(cls=None) -> dict[str, tuple]:
     return {key: f.metadata["bounds"] for key, _, f in fields_of(cls) if f.metadata.get("bounds")}
 
 
+def number_rules(cls) -> dict[str, tuple]:
+    """Field -> (int or float, least, most) of every number field of a flat settings dataclass (an optional number,
+    `int | None`, included: None means "not set"), from its `setting` bounds."""
+    import types
+    import typing
+
+    out = {}
+    for name, tp in get_type_hints(cls).items():
+        if get_origin(tp) not in (None, typing.Union, types.UnionType):
+            continue  # a tuple or list of numbers is checked by its own rule
+        kind = next((t for t in (get_args(tp) or (tp,)) if t in (int, float)), None)
+        f = cls.__dataclass_fields__[name]
+        if kind is not None and tp is not bool:
+            least, most, _ = f.metadata.get("bounds") or (None, None, False)
+            out[name] = (kind, least, most)
+    return out
+
+
 def fields_of(cls=None, prefix: str = ""):
     """(dotted key, type, field) of every setting, depth first; a nested config comes before its own fields."""
     cls = cls or Config
@@ -347,7 +365,8 @@ def fields_of(cls=None, prefix: str = ""):
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) if get_origin(tp) is None else str(tp).replace("typing.", "")
+    name = getattr(tp, "__name__", None) if get_origin(tp) is None else str(tp).replace("typing.", "")
+    return name.replace(" | ", " or ")  # a table cell holds no |
 
 
 def config_reference() -> str:
@@ -373,6 +392,22 @@ def config_reference() -> str:
         b = f.metadata.get("bounds")
         lines.append(f"| `{key}` | {_type_name(tp)} | " + " | ".join(values) + " | "
                      + (bounds_text(*b) if b else "") + f" | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"
+
+
+def settings_reference(title: str, cls, how: str) -> str:
+    """A flat settings dataclass (evaluation's, the Serve app's) as a reference table: name, type, default, bounds,
+    help."""
+    lines = [f"## {title}", "", how, "", "| setting | type | default | bounds | what it sets |", "|---|---|---|---|---|"]
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = "required" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
+            else f"`{json.dumps(f.default if f.default is not dataclasses.MISSING else f.default_factory())}`"
+        b = f.metadata.get("bounds")
+        lines.append(f"| `{f.name}` | {_type_name(hints[f.name])} | {default} | {bounds_text(*b) if b else ''} | "
+                     f"{f.metadata.get('help', '')} |")
     return "\n".join(lines) + "\n"
 
 

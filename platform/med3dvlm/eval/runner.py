@@ -11,21 +11,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from med3dvlm import storage
-from med3dvlm.config import bounds_text, number_ok, yaml_error_line
+from med3dvlm.config import bounds_text, number_ok, number_rules, setting, yaml_error_line
 from med3dvlm.eval.results import markdown
 from med3dvlm.eval.tasks import get_task
 from med3dvlm.models.export import ExportError, check_tensors, read_meta
 from med3dvlm.runtime import UserError, init_ray, write_run_json
 
 RETRIEVAL_N = (100, 500, 1000, 2000)
-
-
-NUMBER_RULES = {  # EvalConfig field -> (type, least, most); None-valued fields (limit, top_p) mean "not set"
-    "max_new_tokens": (int, 1, 4096), "limit": (int, 1, None), "batch_size": (int, 1, None),
-    "gen_batch": (int, 1, None), "replicas": (int, 1, None),
-    "cpus_per_replica": (float, 0.001, None), "gpus_per_replica": (float, 0, None), "seed": (int, None, None),
-    "temperature": (float, 0, None), "top_p": (float, 1e-6, 1), "repetition_penalty": (float, 1e-6, None),
-    "no_repeat_ngram_size": (int, 0, None)}
 
 
 def check_number(name: str, value, kind: type, least, most) -> None:
@@ -40,39 +32,40 @@ def check_number(name: str, value, kind: type, least, most) -> None:
 
 @dataclass
 class EvalConfig:
-    """One evaluation: the task, the model export and the shards (paths or URIs), and how to run it."""
+    """One evaluation: the task, the model export and the shards (paths or URIs), and how to run it. Each field has
+    its line of help and its bounds beside it (`config.setting`), as the training config's do."""
 
-    task: str
-    model: str
-    shards: str
-    out: str | None = None  # default: <model>/eval-<task>
-    split: str = "test"  # a split name, or several comma-separated
-    split_field: str = "split"  # "split" (official M3D, comparable with the paper) or "case_split" (leak-free)
-    limit: int | None = None
-    n: tuple[int, ...] = RETRIEVAL_N
-    batch_size: int = 8
-    gen_batch: int = 16
-    replicas: int = 1
-    cpus_per_replica: float = 1
-    gpus_per_replica: float = 0
-    dtype: str | None = None
-    max_new_tokens: int = 256
-    sample: bool = False
-    temperature: float = 1.0
-    top_p: float | None = None
-    seed: int = 42
-    repetition_penalty: float = 1.0  # the reference decodes greedily without one (1.0); > 1 discourages repeats
-    no_repeat_ngram_size: int = 0  # n-gram blocking (0: off, as the reference)
-    shuffle_images: bool = False  # the shuffled-image control: each sample paired with another sample's volume
-    baseline_split: str = "train"  # reports: the most common report of this split is the blind baseline
-    bertscore_model: str | None = None
-    bertscore: bool = True
-    resume: bool = False
+    task: str = field(metadata={"help": "retrieval, report, vqa-closed or vqa-open (eval/tasks/)"})
+    model: str = field(metadata={"help": "the export it scores: stage 1 for retrieval, 2/3 otherwise (path or URI)"})
+    shards: str = field(metadata={"help": "preprocessed shards (path or URI)"})
+    out: str | None = setting(None, "where results go; default <model>/eval-<task>")
+    split: str = setting("test", "a split name, or several comma-separated")
+    split_field: str = setting("split", "split (official M3D, comparable with the paper) or case_split (leak-free)")
+    limit: int | None = setting(None, "only the first N volumes (None: all)", 1)
+    n: tuple[int, ...] = setting(RETRIEVAL_N, "retrieval: recall on the first N pairs for each N")
+    batch_size: int = setting(8, "volumes per batch to a replica", 1)
+    gen_batch: int = setting(16, "prompts generated together", 1)
+    replicas: int = setting(1, "predictor replicas (a Ray Data actor pool)", 1)
+    cpus_per_replica: float = setting(1, "CPUs per replica", 0.001)
+    gpus_per_replica: float = setting(0, "GPUs per replica (> 0: on CUDA)", 0)
+    dtype: str | None = setting(None, "weights' dtype on the replicas: float32 (None), bfloat16, float16")
+    max_new_tokens: int = setting(256, "tokens generated at most", 1, 4096)
+    sample: bool = setting(False, "sample instead of greedy decoding (the paper sampled)")
+    temperature: float = setting(1.0, "sampling temperature", 0)
+    top_p: float | None = setting(None, "nucleus sampling's p (None: off)", 1e-6, 1)
+    seed: int = setting(42, "seed of the prompts and of sampling")
+    repetition_penalty: float = setting(1.0, "> 1 discourages repeats (the reference decodes without one, 1.0)", 1e-6)
+    no_repeat_ngram_size: int = setting(0, "n-gram blocking (0: off, as the reference)", 0)
+    shuffle_images: bool = setting(False, "the shuffled-image control: each sample paired with another's volume")
+    baseline_split: str = setting("train", "reports: the most common report of this split is the blind baseline")
+    bertscore_model: str | None = setting(None, "a local BERTScore model directory (roberta-large: the benchmark's)")
+    bertscore: bool = setting(True, "BERTScore for reports and open VQA")
+    resume: bool = setting(False, "keep the samples already scored in samples.csv")
     splits: list[str] = field(init=False)
 
     def __post_init__(self):
         get_task(self.task)  # a name without a task file is refused naming the choices
-        for name, (kind, least, most) in NUMBER_RULES.items():
+        for name, (kind, least, most) in number_rules(EvalConfig).items():
             check_number(name, getattr(self, name), kind, least, most)
         if self.sample and not (0 < self.temperature <= 5):
             raise UserError(f"--temperature {self.temperature}: must be in (0, 5]")

@@ -12,18 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from med3dvlm import storage
 from med3dvlm.models.export import CLIP, VLM
 from med3dvlm.runtime import UserError
-
-BUILTIN_TEXT = ("minilm", "tiny-bert")
-BUILTIN_LLM = ("tiny-qwen2",)
-
-
-def _exists_or_refuse(key: str, location: str, builtin: tuple[str, ...]) -> None:
-    if location not in builtin and not storage.exists(location):
-        raise UserError(f"{key} {location}: does not exist (models load from paths or storage URIs, never a hub)")
-
+from med3dvlm.train.checks import BUILTIN_LLM, BUILTIN_TEXT, exists_or_refuse, same_vocabulary
 
 @dataclass(frozen=True)
 class Stage:
@@ -77,9 +68,11 @@ class ContrastiveStage(Stage):
     step_figures: tuple[str, ...] = ("t", "b")
     validates: bool = True
 
+    columns = ("volume_id", "volume", "report")  # the shard columns it reads
+
     def check_models(self, cfg, init):
         if not init:
-            _exists_or_refuse("model.text_encoder", cfg.model.text_encoder, BUILTIN_TEXT)
+            exists_or_refuse("model.text_encoder", cfg.model.text_encoder, BUILTIN_TEXT)
 
     def build_model(self, cfg, init: str | None):
         from med3dvlm.models.clip import CLIPModel
@@ -102,8 +95,6 @@ class ContrastiveStage(Stage):
         return _augmented(ds, augment).map_batches(tokenize_reports, batch_size=16, fn_kwargs={
             "text_encoder": cfg.model.text_encoder, "max_len": cfg.model.text_max_len})
 
-    columns = ("volume_id", "volume", "report")
-
 
 @dataclass(frozen=True)
 class InstructionStage(Stage):
@@ -114,10 +105,10 @@ class InstructionStage(Stage):
     init_kind: str = VLM
     yes_no: bool = True
 
-    columns = ("volume_id", "volume", "report", "qa")
+    columns = ("volume_id", "volume", "report", "qa")  # the shard columns it reads
 
     def check_models(self, cfg, init):
-        _exists_or_refuse("model.llm", cfg.model.llm, BUILTIN_LLM)  # its tokenizer tokenises the samples
+        exists_or_refuse("model.llm", cfg.model.llm, BUILTIN_LLM)  # its tokenizer tokenises the samples
 
     def check_init(self, cfg, init, meta):
         super().check_init(cfg, init, meta)
@@ -125,7 +116,7 @@ class InstructionStage(Stage):
             if tuple(meta["input_shape"]) != tuple(cfg.data.shape):
                 raise UserError(f"--init {init}: trained at {tuple(meta['input_shape'])}, the config asks for "
                                 f"{tuple(cfg.data.shape)}")
-            _same_vocabulary(cfg, init, meta)
+            same_vocabulary(cfg, init, meta)
 
     def build_model(self, cfg, init: str | None):
         from med3dvlm.models.vlm import VLM as Model
@@ -174,21 +165,6 @@ class ProjectorStage(InstructionStage):
             model.vision.load_state_dict(CLIPModel.from_pretrained(init).vision.state_dict())
         model.set_stage(self.number)
         return model
-
-
-def _same_vocabulary(cfg, init: str, meta: dict) -> None:
-    """The export's tokenizer is the one the run tokenises its samples with (`model.llm`'s, plus the image token):
-    an id the export's embeddings lack would fail in a worker a minute later as an IndexError."""
-    from transformers import AutoTokenizer
-
-    from med3dvlm.models.prompt import vlm_tokenizer
-
-    theirs = AutoTokenizer.from_pretrained(storage.local_path(storage.join(init, "tokenizer")), local_files_only=True)
-    ours = vlm_tokenizer(cfg.model.llm)
-    if theirs.get_vocab() != ours.get_vocab():
-        raise UserError(f"--init {init}: its tokenizer ({len(theirs)} tokens) is not model.llm={cfg.model.llm}'s "
-                        f"({len(ours)} tokens), which tokenises the samples; pass the model.llm it was trained with "
-                        f"(its config.json says {meta['model']['llm']})")
 
 
 def _augmented(ds, augment: bool):
