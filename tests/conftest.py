@@ -126,6 +126,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
-    # The two-node test starts two Ray nodes of its own: it runs first, before the session's Ray exists (an idle
-    # local Ray took a tenth to a sixth of this 2-core machine)
-    items.sort(key=lambda item: "cluster" not in getattr(item, "fixturenames", ()))
+    # The two-node test and the tests marked own_ray start Ray nodes of their own: they run first, before the
+    # session's Ray exists (an idle local Ray took a tenth to a sixth of this 2-core machine)
+    items.sort(key=lambda item: not ("cluster" in getattr(item, "fixturenames", ())
+                                     or item.get_closest_marker("own_ray")))
