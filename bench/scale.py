@@ -2,9 +2,10 @@
 `pipelines.preprocess` as a user runs it, then the same tree with 1% more cases and one case removed, then a run
 killed mid-way and resumed. Slices are tiny (4 PNGs of 16x16) so the figures are about the machinery, not pixels.
 
-    .venv/bin/python bench/scale.py [--series 120000] [--qa 500000] [--work /tmp/m3d-scale] [--keep]
+    .venv/bin/python bench/scale.py [--series 120000] [--qa 500000] [--work /tmp/m3d-scale] [--keep] [--first-only]
 
-Prints, and writes to bench/results/scale.json: tree writing time; manifest build + shard planning time; the whole
+Prints, and writes to bench/results/scale.json under `at_<series>_series` (with the date, the machine from lscpu,
+the commit, the command, and the VQA rows it wrote): tree writing time; manifest build + shard planning time; the whole
 command's wall time, volumes/s and the driver's peak RSS; Ray tasks (= shards); manifest.json and run.json sizes;
 terminal lines; shards re-processed after +1% cases and after removing one case; kill-and-resume (shards redone,
 byte-identical result).
@@ -48,8 +49,9 @@ def case_of(i: int) -> str:
     return f"{i // 2:06d}"  # two series per case
 
 
-def write_tree(root: Path, series: int, qa: int, start: int = 0) -> None:
-    """M3D layout: M3D_Cap/ct_case/<case>/<Series>/<n>.png, text.txt per case, M3D_Cap.json, M3D_VQA_train.csv."""
+def write_tree(root: Path, series: int, qa: int, start: int = 0) -> int:
+    """M3D layout: M3D_Cap/ct_case/<case>/<Series>/<n>.png, text.txt per case, M3D_Cap.json, M3D_VQA_train.csv with
+    `qa` rows in all, spread over the series; returns the VQA rows written."""
     pngs = slice_pngs()
     entries = []
     for i in range(start, series):
@@ -71,11 +73,13 @@ def write_tree(root: Path, series: int, qa: int, start: int = 0) -> None:
         if not start:
             w.writerow(["Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C",
                         "Choice D", "Answer", "Answer Choice"])
-        per = max(1, qa // series)
-        for e in entries:
-            for q in range(per):
+        n, written = series - start, 0
+        for j, e in enumerate(entries):
+            for q in range(qa // n + (1 if j < qa % n else 0)):  # exactly `qa` rows
                 w.writerow([e["image"], "t", q % 5 + 1, f"Question {q}?", "Liver", "Spleen", "Kidney", "Lung",
                             "Liver", "A"])
+                written += 1
+    return written
 
 
 def run_preprocess(raw: Path, out: Path, kill_after_shards: int = 0) -> dict:
@@ -123,19 +127,23 @@ def main():
     ap.add_argument("--qa", type=int, default=500_000)
     ap.add_argument("--work", default="/tmp/m3d-scale")
     ap.add_argument("--keep", action="store_true", help="keep the tree and shards")
+    ap.add_argument("--first-only", action="store_true", help="only the first run (the machinery at this count)")
     a = ap.parse_args()
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)
     raw, out = work / "raw", work / "shards"
     t = time.time()
-    write_tree(raw, a.series, a.qa)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "series": a.series,
-              "qa_rows": a.qa, "write_tree_s": round(time.time() - t, 1)}
-    print(f"[scale] tree of {a.series} series, {a.qa} VQA rows written in {result['write_tree_s']} s", flush=True)
+    written = write_tree(raw, a.series, a.qa)
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "commit": commit(),
+              "command": " ".join([".venv/bin/python", "bench/scale.py", *sys.argv[1:]]), "series": a.series,
+              "qa_rows_asked": a.qa, "qa_rows_written": written, "write_tree_s": round(time.time() - t, 1)}
+    print(f"[scale] tree of {a.series} series, {written} VQA rows written in {result['write_tree_s']} s", flush=True)
     first = run_preprocess(raw, out)
     result["first_run"] = figures(first, out)
     print("[scale] first run:", json.dumps(result["first_run"]), flush=True)
     print("\n".join(first["lines"][-12:]))
+    if a.first_only:
+        return save(result, work, a.keep)
     again = run_preprocess(raw, out)
     result["rerun_no_change"] = figures(again, out)
     kill_dir = work / "killed"  # the same tree, a run killed after a third of its shards, then resumed
@@ -145,7 +153,7 @@ def main():
                                  "identical_to_uninterrupted": _same_tree(out, kill_dir)}
     shutil.rmtree(kill_dir, ignore_errors=True)
     extra = a.series // 100
-    write_tree(raw, a.series + extra, a.qa + a.qa // 100, start=a.series)  # +1% series (new cases)
+    write_tree(raw, a.series + extra, a.qa // 100, start=a.series)  # +1% series (new cases), +1% of the VQA rows
     result["plus_1pct_cases"] = figures(run_preprocess(raw, out), out)
     shutil.rmtree(raw / "M3D_Cap" / "ct_case" / case_of(10))  # one case removed
     result["minus_one_case"] = figures(run_preprocess(raw, out), out)
@@ -153,9 +161,38 @@ def main():
         print(f"[scale] {k}: processed {result[k]['processed_shards']} of {result[k]['shards_tasks']} shards, "
               f"{result[k]['wall_s']} s", flush=True)
     print("[scale] kill and resume:", json.dumps(result["kill_and_resume"]))
-    (ROOT / "bench" / "results" / "scale.json").write_text(json.dumps(result, indent=1))
-    if not a.keep:
+    save(result, work, a.keep)
+
+
+def save(result: dict, work: Path, keep: bool) -> None:
+    """bench/results/scale.json: this run's row under its series count; the other counts' rows are kept."""
+    f = ROOT / "bench" / "results" / "scale.json"
+    rows = json.loads(f.read_text()) if f.is_file() else {}
+    rows = {k: v for k, v in rows.items() if k.startswith("at_")}
+    rows[f"at_{result['series']}_series"] = result
+    f.write_text(json.dumps(rows, indent=1))
+    print(f"-> {f}")
+    if not keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def machine() -> str:
+    """The CPU model and count as lscpu gives them, and the memory."""
+    try:
+        info = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True)
+                    .stdout.splitlines() if ":" in line)
+        cpu = f"{info.get('Model name', '?').strip()}, {info.get('CPU(s)', '?').strip()} CPUs"
+    except OSError:
+        cpu = f"{os.cpu_count()} CPUs"
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {mem:.0f} GiB"
+
+
+def commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return r.stdout.strip() + ("+changes" if dirty else "")
 
 
 def _same_tree(a: Path, b: Path) -> bool:
