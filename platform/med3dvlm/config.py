@@ -293,13 +293,19 @@ def yaml_error_line(e: Exception) -> str:
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply `a.b.c=value` strings; values are parsed as YAML (numbers, booleans, lists)."""
+    return _from_dict(Config, parse_overrides(overrides), base=cfg)
+
+
+def parse_overrides(overrides: list[str], empty="") -> dict:
+    """`a.b.c=value` strings as one nested mapping, each value parsed as YAML (`key=` gives `empty`); ValueError naming
+    a bad one. The one override parser of the training config and the evaluation settings."""
     nested: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = yaml.safe_load(raw) if raw else empty
         except yaml.YAMLError as e:
             raise ValueError(f"override '{item}': the value is not valid YAML ({yaml_error_line(e)})") from None
         node = nested
@@ -310,7 +316,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 raise ValueError(f"override '{item}' sets a key inside '{p}', which another override sets to {child!r}")
             node = child
         node[parts[-1]] = value
-    return _from_dict(Config, nested, base=cfg)
+    return nested
 
 
 def number_ok(value, least=None, most=None, whole: bool = False, above: bool = False) -> bool:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from med3dvlm import storage
-from med3dvlm.config import bounds_text, number_ok, number_rules, setting, yaml_error_line
+from med3dvlm.config import bounds_text, number_ok, number_rules, parse_overrides, setting, yaml_error_line
 from med3dvlm.eval.results import markdown
 from med3dvlm.eval.tasks import get_task
 from med3dvlm.models.export import ExportError, check_tensors, read_meta
@@ -94,14 +94,10 @@ def eval_settings(config: str | None, overrides: list[str], flags: dict, default
             raise UserError(f"--config {config}: cannot read ({yaml_error_line(e)})") from None
         if not isinstance(settings, dict):
             raise UserError(f"--config {config}: expected a mapping of settings")
-    for o in overrides:
-        key, eq, value = o.partition("=")
-        if not eq:
-            raise UserError(f"override {o!r}: expected key=value")
-        try:
-            settings[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise UserError(f"override {o!r}: the value is not valid YAML ({yaml_error_line(e)})") from None
+    try:
+        settings.update(parse_overrides(overrides, empty=None))  # the training config's parser and messages
+    except ValueError as e:
+        raise UserError(str(e)) from None
     for k in settings:
         if k not in flags:
             near = difflib.get_close_matches(k, list(flags), n=1)
