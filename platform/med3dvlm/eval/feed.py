@@ -4,7 +4,7 @@ the shuffled-image control's re-pairing, and the actor pool's arguments."""
 from __future__ import annotations
 
 
-def dataset(ec: EvalConfig, columns: list[str]):
+def dataset(ec, columns: list[str]):
     from med3dvlm.data.shards import read_shards
     from med3dvlm.runtime import configure_data_context
 
@@ -50,7 +50,7 @@ def _partner_volumes(batch: dict, partner: dict) -> dict:
     return qa_as_lists(batch)
 
 
-def pool_args(ec: EvalConfig) -> dict:
+def pool_args(ec) -> dict:
     from ray.data import ActorPoolStrategy
 
     return {"compute": ActorPoolStrategy(size=ec.replicas), "batch_size": ec.batch_size, "batch_format": "numpy",

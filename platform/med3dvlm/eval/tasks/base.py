@@ -100,6 +100,13 @@ class TextScorer:
                 r["bert_f1"] = f
 
 
+def question_samples(batch: dict, i: int, prompt) -> list[dict]:
+    """Row `i`'s questions (`questions`) as evaluation samples, each asked as `prompt(q)` gives it."""
+    vid = str(batch["volume_id"][i])
+    return [{"key": f"{vid}#{j}", "question_type": int(q["question_type"]), "question": prompt(q)[0],
+             "reference": str(q["answer"]), "answer_choice": str(q["answer_choice"])} for j, q in questions(batch, i)]
+
+
 def questions(batch: dict, i: int):
     """(index, question) of row `i`'s questions as M3D-Bench's VQA test asks them: no yes/no questions (the test
     has none), and a question repeated in the row (M3D_VQA_test5k.csv repeats rows of M3D_VQA_test.csv) once."""

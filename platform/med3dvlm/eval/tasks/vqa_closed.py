@@ -5,7 +5,7 @@ baselines: chance and each type's majority answer."""
 from __future__ import annotations
 
 from med3dvlm import storage
-from med3dvlm.eval.tasks.base import Task, pct, questions
+from med3dvlm.eval.tasks.base import Task, pct, question_samples
 from med3dvlm.models.prompt import closed_prompt
 
 
@@ -17,9 +17,7 @@ class ClosedVQATask(Task):
                    "lenient", "strict", "named", "error"]
 
     def samples(self, batch, i, seed):
-        vid = str(batch["volume_id"][i])
-        return [{"key": f"{vid}#{j}", "question_type": int(q["question_type"]), "question": closed_prompt(q)[0],
-                 "reference": str(q["answer"]), "answer_choice": str(q["answer_choice"])} for j, q in questions(batch, i)]
+        return question_samples(batch, i, closed_prompt)
 
     def scorer(self, ec):
         return ClosedScorer(ec.model)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from med3dvlm.eval.tasks.base import Task, questions, text_means, text_table
+from med3dvlm.eval.tasks.base import Task, question_samples, text_means, text_table
 from med3dvlm.models.prompt import open_prompt
 
 
@@ -12,9 +12,7 @@ class OpenVQATask(Task):
     columns = ("volume_id", "volume", "qa")
 
     def samples(self, batch, i, seed):
-        vid = str(batch["volume_id"][i])
-        return [{"key": f"{vid}#{j}", "question_type": int(q["question_type"]), "question": open_prompt(q)[0],
-                 "reference": str(q["answer"]), "answer_choice": str(q["answer_choice"])} for j, q in questions(batch, i)]
+        return question_samples(batch, i, open_prompt)
 
     def aggregate(self, rows, bert_label):
         from med3dvlm.eval.vqa import by_type
