@@ -56,6 +56,8 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--bertscore-model", default=None, help="local model dir for BERTScore (roberta-large -> layer 17, "
                    "as the benchmark); default: packaged MiniLM, labelled as not comparable")
     p.add_argument("--no-bertscore", action="store_true")
+    p.add_argument("--allow-overlap", action="store_true", help="score cases the model (or a parent export) trained "
+                   "on; the results then carry a warning (default: refused naming a case)")
     p.add_argument("--resume", action="store_true", help="keep samples.csv rows from an interrupted run and skip them")
     return p
 

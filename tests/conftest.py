@@ -2,6 +2,7 @@
 
 
 import os
+import re
 import socket
 import uuid
 
@@ -130,3 +131,17 @@ def pytest_collection_modifyitems(config, items):
     # session's Ray exists (an idle local Ray took a tenth to a sixth of this 2-core machine)
     items.sort(key=lambda item: not ("cluster" in getattr(item, "fixturenames", ())
                                      or item.get_closest_marker("own_ray")))
+
+
+def one_line_exit_2(capsys, fn) -> str:
+    """`fn` run as an entry point's `__main__` runs it: exit 2 with one line on stderr, returned."""
+    from pipelines.common import run_main
+
+    with pytest.raises(SystemExit) as e:
+        run_main(fn)
+    # lines Ray forwards from its own processes (`(gcs_server) ...`, `(raylet) ...`) to this test process are not the
+    # command's: a Ray started by an earlier test may log into any test's captured stderr
+    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines()
+                     if not re.match(r"(\x1b\[\d+m)?\((pid=)?\w+", line)).strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err

@@ -2,7 +2,6 @@
 exit 2 before anything starts (no Ray, no worker), never a traceback."""
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -10,20 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.common import run_main
+from conftest import one_line_exit_2
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def one_line_exit_2(capsys, fn) -> str:
-    with pytest.raises(SystemExit) as e:
-        run_main(fn)
-    # lines Ray forwards from its own processes (`(gcs_server) ...`, `(raylet) ...`) to this test process are not the
-    # command's: a Ray started by an earlier test may log into any test's captured stderr
-    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines()
-                     if not re.match(r"(\x1b\[\d+m)?\((pid=)?\w+", line)).strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
 
 
 def test_to_released_from_a_missing_or_foreign_folder(tmp_path, capsys):

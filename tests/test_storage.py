@@ -177,7 +177,8 @@ def test_pipelines_read_and_write_a_bucket(shards, synthetic_m3d, bucket, chain,
     assert os.listdir(tmp_path / "cache")
 
     def evaluate_into(task, model, out, *extra):
-        return evaluate(parse_args(["--task", task, "--model", model, "--shards", s3_shards, "--out", out, *extra]), log=quiet)
+        return evaluate(parse_args(["--task", task, "--model", model, "--shards", s3_shards, "--out", out,
+                                   "--allow-overlap", *extra]), log=quiet)
 
     res = evaluate_into("retrieval", stage1, bucket + "/eval-retrieval")
     assert res["out"] == bucket + "/eval-retrieval"

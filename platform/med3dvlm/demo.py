@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from med3dvlm import lineage
 from med3dvlm.runtime import init_ray, write_run_json
 
 
@@ -120,7 +121,7 @@ def run_demo(cfg, out: str | Path = "out/demo", cases: int = 120, log=print, llm
         log(f"[demo] stage {stage}: loss {f['loss_first']:.3f} -> {f['loss_last']:.3f}, {f['samples_per_s']:.1f} "
             f"samples/s, data wait {100 * f['data_wait_fraction']:.0f}%  -> {exports[stage]}")
     result = {"heldout": check, "targets": rows, "missed": missed, "passed": not missed, "train": figures,
-              "exports": exports, "shards": str(out / "shards"), "evaluation": {k: v["out"] for k, v in check.items()}}
+              "exports": exports, "lineage": lineage.summary(lineage.read(exports[3])), "shards": str(out / "shards"), "evaluation": {k: v["out"] for k, v in check.items()}}
     (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))
     write_run_json(out, cfg, {"cases": cases}, {r["name"]: r["value"] for r in rows}, started)
     log("[demo] evaluation folders: " + ", ".join(str(v["out"]) for v in check.values()))

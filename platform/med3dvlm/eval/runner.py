@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from med3dvlm import storage
+from med3dvlm import lineage, storage
 from med3dvlm.config import bounds_text, number_ok, number_rules, parse_overrides, setting, yaml_error_line
 from med3dvlm.eval.results import markdown
 from med3dvlm.eval.tasks import get_task
@@ -61,6 +61,7 @@ class EvalConfig:
     bertscore_model: str | None = setting(None, "a local BERTScore model directory (roberta-large: the benchmark's)")
     bertscore: bool = setting(True, "BERTScore for reports and open VQA")
     resume: bool = setting(False, "keep the samples already scored in samples.csv")
+    allow_overlap: bool = setting(False, "score cases the model (or a parent export) trained on, with a warning")
     splits: list[str] = field(init=False)
 
     def __post_init__(self):
@@ -126,8 +127,9 @@ def eval_config(flags: dict, default) -> EvalConfig:
     return EvalConfig(**a)
 
 
-def check_inputs(ec: EvalConfig) -> int:
-    """Every reason to refuse, before Ray starts. Returns the number of volumes in the evaluated split."""
+def check_inputs(ec: EvalConfig) -> tuple[int, dict]:
+    """Every reason to refuse, before Ray starts (a case the model trained on among those evaluated, `lineage`).
+    Returns the number of volumes in the evaluated split and the model's lineage with the overlap found."""
     from med3dvlm.data.shards import read_table, shard_files
 
     if ec.bertscore and ec.bertscore_model and not storage.is_file(storage.join(ec.bertscore_model, "config.json")):
@@ -146,23 +148,24 @@ def check_inputs(ec: EvalConfig) -> int:
     if not n:
         raise UserError(f"--shards {ec.shards}: no '{ec.split}' rows in field '{ec.split_field}' "
                         f"(present: {', '.join(f'{k} {v}' for k, v in sorted(counts.items(), key=str))})")
-    return n if ec.limit is None else min(ec.limit, n)
+    held_out = lineage.check_overlap(ec.model, ec.shards, ec.split_field, ec.splits, ec.allow_overlap)
+    return (n if ec.limit is None else min(ec.limit, n)), held_out
 
 
 def evaluate(ec: EvalConfig, log=print) -> dict:
     """Run one evaluation; returns results.json's content plus `out`, where the results went."""
     started = time.time()
-    n = check_inputs(ec)
+    n, held_out = check_inputs(ec)
     ec.model, ec.shards = storage.absolute(ec.model), storage.absolute(ec.shards)
     dest = storage.absolute(ec.out or storage.join(ec.model, f"eval-{ec.task}"))
     with storage.staged(dest, pull=ec.resume) as d:  # a URI: work in a local folder, upload it at the end
-        res = _evaluate(ec, Path(d), n, started, log)
+        res = _evaluate(ec, Path(d), n, held_out, started, log)
     log(f"[evaluate] done in {time.time() - started:.0f} s: {dest}/results.json, results.md, samples.csv")
     res["out"] = dest
     return res
 
 
-def _evaluate(ec: EvalConfig, out: Path, n: int, started: float, log) -> dict:
+def _evaluate(ec: EvalConfig, out: Path, n: int, held_out: dict, started: float, log) -> dict:
     task = get_task(ec.task)
     init_ray()
     log(f"[evaluate] {ec.task}: {n} volumes of {ec.split_field}={ec.split}, {ec.replicas} replica(s)")
@@ -171,11 +174,13 @@ def _evaluate(ec: EvalConfig, out: Path, n: int, started: float, log) -> dict:
                decoding={"sample": ec.sample, "temperature": ec.temperature, "top_p": ec.top_p, "seed": ec.seed,
                          "max_new_tokens": ec.max_new_tokens, "repetition_penalty": ec.repetition_penalty,
                          "no_repeat_ngram_size": ec.no_repeat_ngram_size} if task.decodes else None,
-               shuffled_images=ec.shuffle_images,
+               shuffled_images=ec.shuffle_images, **held_out,
                paper=dict(zip(("metric", "med3dvlm", "m3d_lamed"), task.paper)),
                wall_s=round(time.time() - started, 2))
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    (out / "results.md").write_text(markdown(task, res, ec.shards, ec.split_field, ec.split, ec.model, ec.sample))
+    warning = f"**Warning: {held_out['warning']}.**\n\n" if held_out["warning"] else ""
+    (out / "results.md").write_text(warning + markdown(task, res, ec.shards, ec.split_field, ec.split, ec.model,
+                                                       ec.sample))
     write_run_json(out, None, asdict(ec), {"n": res["n"]}, started)
     log((out / "results.md").read_text())
     return res

@@ -1,5 +1,5 @@
 """The stage driver: checks every input, plans the steps, runs one Ray Train `TorchTrainer` (DeepSpeed ZeRO inside
-`train.loop`), and writes `<out>/stage<N>/` (the export, run.json, history.json, curves.png, TensorBoard events);
+`train.loop`), and writes `<out>/stage<N>/` (the export, its lineage.json, run.json, history.json, curves.png, TensorBoard events);
 Ray Train's run (DeepSpeed checkpoints) goes to `<out>/ray/`. Bad input fails before any worker starts.
 """
 
@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from med3dvlm import storage
+from med3dvlm import lineage, storage
 from med3dvlm.models.export import ExportError, check_tensors, read_meta
 from med3dvlm.runtime import UserError, allocator_env, init_ray, log_level, sha256_json, write_run_json
 from med3dvlm.train.datasets import StageData
@@ -145,8 +145,10 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
     history = read_history(export)
     figures = summarize(history, stage)
     figures["restored_from_checkpoint"] = bool(history and history[0]["step"] > 0)
-    write_run_json(export, cfg, {"shards_manifest": sha256_json(manifest), "init": init, "samples": plan.samples},
-                   figures, started)
+    record = lineage.record(cfg, stage.number, shards, manifest, export, init)
+    lineage.write(export, record)
+    write_run_json(export, cfg, {"shards_manifest": sha256_json(manifest), "init": init, "samples": plan.samples,
+                                 "lineage": lineage.summary(record)}, figures, started)
     with storage.staged(export) as d:
         plot_curves(history, Path(d) / "curves.png", stage.number, stage.step_figures)
     log(f"[train] stage {stage.number} done in {time.time() - started:.0f} s: loss "
