@@ -134,6 +134,8 @@ class TrainConfig:
                                        "in memory, no augmentation)")
     preserve_order: bool = setting(False, "samples reach the workers in the shards' order: with augment off a re-run "
                                           "repeats its trajectory")
+    feature_cache: str = setting("auto", "stages 2-3 read the frozen tower's features from the cache beside the shards "
+                                         "(data/features.py): auto (when one is valid), on (build it), off")
     closed_orders: int = setting(1, "stages 2-3: each closed question in N orders of its choices (1: as given)")
     precise_bn_batches: int = setting(0, "re-estimate a trained tower's BatchNorm statistics from the last N batches "
                                          "before validation and export (0: off)", 0)
@@ -257,6 +259,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ValueError(f"config key '{key}' expects an integer, got {value!r}")
         return int(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off (and yes/no) as booleans; text settings spell them on/off
+            return "on" if value else "off"
         return str(value)
     return value
 

@@ -15,6 +15,8 @@ import numpy as np
 
 from med3dvlm.models.prompt import LETTERS, closed_prompt, encode_example, open_prompt, report_prompt, vlm_tokenizer
 
+IMAGE_KEYS = ("volume", "feat_low", "feat_high")  # a sample's image: the volume, or the tower's cached features
+
 
 def shorten_report(text: str, n_tokens, max_tokens: int) -> str:
     """Keep whole sentences from the start while they fit (`n_tokens(str) -> int`); at least the first sentence."""
@@ -72,7 +74,8 @@ def expand_tasks(batch: dict, qa_splits: tuple[str, ...], closed_orders: int = 1
         tasks += t
         index += [i] * len(t)
     cols = {k: np.asarray([t[k] for t in tasks], dtype=object) for k in ("volume_id", "prompt", "answer", "task")}
-    return {"volume": batch["volume"][np.asarray(index, np.int64)], **cols}
+    take = np.asarray(index, np.int64)
+    return {**{k: batch[k][take] for k in IMAGE_KEYS if k in batch}, **cols}
 
 
 def tokenize_reports(batch: dict, text_encoder: str, max_len: int) -> dict:
@@ -101,5 +104,5 @@ def tokenize_tasks(batch: dict, llm: str, n_image: int, max_len: int) -> dict:
 
 
 def _carried(batch: dict) -> dict:
-    """What a tokenised batch keeps of its input: the volume and its augmentation parameters."""
-    return {k: batch[k] for k in ("volume", "augment") if k in batch}
+    """What a tokenised batch keeps of its input: the volume (or its cached features) and augmentation parameters."""
+    return {k: batch[k] for k in IMAGE_KEYS + ("augment",) if k in batch}

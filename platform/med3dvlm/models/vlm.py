@@ -139,9 +139,13 @@ class VLM(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)
 
     # ------------------------------------------------------------ forward
-    def encode_images(self, volume: torch.Tensor) -> torch.Tensor:
-        feats = self.vision(volume)
-        return self.projector(feats[-2], feats[-1])
+    def encode_images(self, volume: torch.Tensor | None, feat_low=None, feat_high=None) -> torch.Tensor:
+        """Image tokens from a volume, or from the tower's two feature maps computed before (the feature cache)."""
+        if volume is not None:
+            feats = self.vision(volume)
+            feat_low, feat_high = feats[-2], feats[-1]
+        dtype = next(self.projector.parameters()).dtype
+        return self.projector(feat_low.to(dtype), feat_high.to(dtype))
 
     def splice_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Positions that receive image tokens."""
@@ -160,11 +164,11 @@ class VLM(nn.Module):
         mask = self.splice_mask(input_ids).unsqueeze(-1)
         return emb.masked_scatter(mask, image_tokens.to(emb.dtype))
 
-    def forward(self, volume, input_ids, attention_mask, labels=None):
+    def forward(self, volume=None, input_ids=None, attention_mask=None, labels=None, feat_low=None, feat_high=None):
         """With labels: the LM head runs only on the positions that are learned (the answers), not on every
         placeholder and prompt token; the loss equals HF's mean token cross-entropy, at a fraction of the
         head's compute and memory (vocab x sequence logits). Without labels: the LLM's full output."""
-        emb = self.embed(input_ids, self.encode_images(volume))
+        emb = self.embed(input_ids, self.encode_images(volume, feat_low, feat_high))
         if labels is None:
             return self.llm(inputs_embeds=emb, attention_mask=attention_mask)
         return self.answer_loss(emb, attention_mask, labels)

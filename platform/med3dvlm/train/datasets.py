@@ -3,7 +3,7 @@ off the trainer), and the sample counts the driver plans steps with."""
 
 from __future__ import annotations
 
-from med3dvlm.data.shards import read_shards, read_table
+from med3dvlm.data.shards import read_table
 from med3dvlm.runtime import configure_data_context, data_settings
 
 
@@ -21,7 +21,7 @@ def count_validation(cfg, shards: str) -> int:
 
 def build_dataset(cfg, stage, shards: str, split: str = "train", training: bool = True):
     """A stage's samples from one split; training data is subset (`max_train_volumes`) and augmented, validation not."""
-    ds = read_shards(shards, split=split, split_field=cfg.train.split_field, columns=list(stage.columns))
+    ds = stage.read(shards, split, cfg.train.split_field)
     if training and cfg.train.max_train_volumes > 0:
         ds = ds.limit(cfg.train.max_train_volumes)
     return stage.samples(cfg, ds, augment=training and cfg.train.augment)

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from med3dvlm import lineage, storage
+from med3dvlm.data import features
 from med3dvlm.models.export import ExportError, check_tensors, read_meta
 from med3dvlm.runtime import UserError, allocator_env, init_ray, log_level, sha256_json, write_run_json
 from med3dvlm.train.datasets import StageData
@@ -129,10 +130,12 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
     manifest = check_inputs(cfg, stage, shards, init)
     init_ray()
     check_resources(cfg)
+    cache = features.prepare(cfg, stage, shards, manifest, init, log)
+    stage = stage.reading(cache)
     out = storage.absolute(out)
     export = storage.join(out, stage.name)
     plan = replace(plan_steps(cfg, stage, shards), init=storage.absolute(init) if init else None, export=export,
-                   tensorboard=storage.join(export, "tensorboard"), log_level=log_level())
+                   tensorboard=storage.join(export, "tensorboard"), log_level=log_level(), feature_cache=cache)
     warn_if_unshared(out, log)
     storage.delete(storage.join(export, "placement.json"))  # the loop appends one entry per (re)start of this run
     log(f"[train] stage {stage.number}: {plan.samples} samples, {plan.steps_per_epoch} steps/epoch x "
@@ -148,7 +151,7 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
     record = lineage.record(cfg, stage.number, shards, manifest, export, init)
     lineage.write(export, record)
     write_run_json(export, cfg, {"shards_manifest": sha256_json(manifest), "init": init, "samples": plan.samples,
-                                 "lineage": lineage.summary(record)}, figures, started)
+                                 "feature_cache": cache, "lineage": lineage.summary(record)}, figures, started)
     with storage.staged(export) as d:
         plot_curves(history, Path(d) / "curves.png", stage.number, stage.step_figures)
     log(f"[train] stage {stage.number} done in {time.time() - started:.0f} s: loss "

@@ -30,7 +30,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     plan = config["plan"]
-    cfg, stage = plan.config(), get_stage(plan.stage)
+    cfg, stage = plan.config(), get_stage(plan.stage).reading(plan.feature_cache)
     ctx = ray.train.get_context()
     rank, total = ctx.get_world_rank(), plan.total_steps
     device = _worker_setup(cfg, ctx, plan.log_level)
@@ -54,7 +54,7 @@ def train_loop_per_worker(config: dict) -> None:
             raise RuntimeError(f"fault injection: worker {rank} fails at step {step}")
         t0 = time.perf_counter()
         loss = train_step(engine, cfg, batch, stage.batch_keys, device)
-        recent.add(batch["volume"])
+        recent.add(batch.get("volume"))  # none where the stage reads cached features
         m = log.step(engine, scheduler, step, epoch, loss, data_s, time.perf_counter() - t0)
         done = step + 1
         if done == total or validator.due(done):  # the final checkpoint and the export hold them too
@@ -79,7 +79,8 @@ def train_step(engine, cfg, batch: dict, keys: tuple[str, ...], device) -> torch
     from med3dvlm.train.augment import apply_augment
 
     inputs = {k: v.to(device) for k, v in trim_padding({k: batch[k] for k in keys}).items()}
-    inputs["volume"] = apply_augment(inputs["volume"], batch.get("augment"))  # uint8 -> float on the device
+    if "volume" in inputs:
+        inputs["volume"] = apply_augment(inputs["volume"], batch.get("augment"))  # uint8 -> float on the device
     with autocast(cfg, device):
         loss = engine(**inputs).loss
     engine.backward(loss)

@@ -22,6 +22,7 @@ class RunPlan:
     init: str | None = None  # the export the stage starts from
     export: str | None = None  # where rank 0 writes the stage's export
     tensorboard: str | None = None
+    feature_cache: str | None = None  # the feature cache stages 2-3 read instead of the volumes (data/features.py)
     log_level: str = "WARNING"  # Ray Data/Train's own lines on a worker's console
 
     @property

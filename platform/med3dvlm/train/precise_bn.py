@@ -33,8 +33,8 @@ class RecentVolumes:
     def __init__(self, n: int):
         self.batches: deque = deque(maxlen=max(n, 0))
 
-    def add(self, volume: torch.Tensor) -> None:
-        if self.batches.maxlen:
+    def add(self, volume: torch.Tensor | None) -> None:
+        if self.batches.maxlen and volume is not None:
             self.batches.append(volume.detach().cpu())
 
     def recalibrate(self, tower: nn.Module, device: torch.device) -> bool:

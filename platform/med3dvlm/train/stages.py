@@ -1,16 +1,14 @@
 """The three training stages as objects (in the manner of open_clip's task objects): each says which export it starts
 from and writes, how its model is built and which parts train, which samples it reads and how many, which batch keys
 its step takes, and which figures it reports beside the loss. The driver, the datasets, the loop and the plots ask
-the stage; none of them branches on its number, so a stage variant (stage 2 from cached image tokens) is one more
-object here.
+the stage; none branches on its number. A stage reading cached tower features is `stage.reading(cache)`.
 
-    stage = get_stage(2)
-    model = stage.build_model(cfg, init)
+    stage = get_stage(2); model = stage.build_model(cfg, init)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from med3dvlm.models.export import CLIP, VLM
 from med3dvlm.runtime import UserError
@@ -28,6 +26,7 @@ class Stage:
     step_figures: tuple[str, ...] = ()  # per-step figures beside loss, lr and samples/s (logged, plotted, summarised)
     validates: bool = False  # validation loss and R@1 every `train.eval_every` steps
     yes_no: bool = False  # the yes/no questions train too (`M3D_VQA_yn_train.csv`)
+    features: str | None = None  # the feature cache read instead of the volumes (`reading`)
 
     @property
     def name(self) -> str:
@@ -36,6 +35,23 @@ class Stage:
     def settings(self, cfg):
         """The stage's `train.stageN` settings (batch size, lr, epochs, ...)."""
         return getattr(cfg.train, self.name)
+
+    def reading(self, features: str | None) -> "Stage":
+        """This stage reading the feature cache at `features` (`data.features`), not the volumes (None: itself)."""
+        if not features:
+            return self
+        rest = tuple(k for k in self.batch_keys if k != "volume")
+        return replace(self, features=features, batch_keys=("feat_low", "feat_high") + rest)
+
+    def read(self, shards: str, split: str, split_field: str):
+        """The stage's columns of one split as a Ray Dataset: decoded volumes, or the cached features."""
+        from med3dvlm.data.features import read_features
+
+        if self.features:
+            return read_features(self.features, split, split_field, list(self.columns))
+        from med3dvlm.data.shards import read_shards
+
+        return read_shards(shards, split=split, split_field=split_field, columns=list(self.columns))
 
     def check_init(self, cfg, init: str | None, meta: dict | None) -> None:
         """`init`'s export metadata (`meta`, None without one) against the config; UserError naming the mismatch."""
