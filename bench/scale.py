@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import commit, machine  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = "data.shape=[4,16,16]"
 
@@ -174,25 +177,6 @@ def save(result: dict, work: Path, keep: bool) -> None:
     print(f"-> {f}")
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def machine() -> str:
-    """The CPU model and count as lscpu gives them, and the memory."""
-    try:
-        info = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True)
-                    .stdout.splitlines() if ":" in line)
-        cpu = f"{info.get('Model name', '?').strip()}, {info.get('CPU(s)', '?').strip()} CPUs"
-    except OSError:
-        cpu = f"{os.cpu_count()} CPUs"
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {mem:.0f} GiB"
-
-
-def commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    return r.stdout.strip() + ("+changes" if dirty else "")
 
 
 def _same_tree(a: Path, b: Path) -> bool:

@@ -138,13 +138,12 @@ def build(cfg, shards: str, export: str, parts: dict, loc: str, log=print) -> di
     started, key = time.time(), sha256_json(parts)
     files = shard_files(shards)
     configure_data_context(data_settings(), preserve_order=True)
-    specs = [{"shard": f, "out": storage.join(loc, os.path.basename(f)), "key": key} for f in files]
+    specs = [{"shard": f, "out": storage.join(loc, os.path.basename(f)), "key": key, "export": export} for f in files]
     size = max(1, min(len(files), int(ray.cluster_resources().get("CPU", 1))))
     log(f"[train] feature cache: encoding {len(files)} shards with stage 1's tower in eval mode (BatchNorm running "
         f"statistics; the released code would use batch statistics) on {size} actors -> {loc}")
     done = ray.data.from_items([{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs)).map(
-        ShardEncoder, fn_constructor_kwargs={"export": export}, compute=ray.data.ActorPoolStrategy(size=size),
-        num_cpus=1)
+        ShardEncoder, compute=ray.data.ActorPoolStrategy(size=size), num_cpus=1)
     results = [json.loads(r["result"]) for r in done.iter_rows()]
     manifest = {"key": key, "parts": parts, "format": FORMAT, "encoder_export": export, "encoder_mode": "eval",
                 "shapes": results[0]["shapes"] if results else None,
@@ -155,10 +154,15 @@ def build(cfg, shards: str, export: str, parts: dict, loc: str, log=print) -> di
 
 
 class ShardEncoder:
-    """A Ray Data actor: the tower loaded once, then one shard per call, written to a temporary file and moved whole
-    to its final name (a file already there with this key is kept: the re-run of a killed build)."""
+    """A Ray Data actor: the tower loaded at its first shard (the export comes in each row, not as a constructor
+    argument, which Ray would keep in the object store for restarts), then one shard per call, written to a
+    temporary file and moved whole to its final name (a file already there with this key is kept: the re-run of a
+    killed build)."""
 
-    def __init__(self, export: str):
+    def __init__(self):
+        self.export, self.tower = None, None
+
+    def load(self, export: str) -> None:
         import torch
 
         from med3dvlm.models.export import CLIP, read_meta
@@ -172,6 +176,7 @@ class ShardEncoder:
             from med3dvlm.models.vlm import VLM
 
             self.tower = VLM.from_pretrained(export, parts=("vision",)).vision
+        self.export = export
         self.tower.eval()
 
     def __call__(self, row: dict) -> dict:
@@ -200,6 +205,8 @@ class ShardEncoder:
         from med3dvlm.data.shards import volumes_from_table
         from med3dvlm.train.augment import apply_augment
 
+        if spec["export"] != self.export:
+            self.load(spec["export"])
         t = _read_shard(spec["shard"])
         feats = {k: [] for k in FEATURES}
         with torch.no_grad():
