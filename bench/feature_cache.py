@@ -43,7 +43,8 @@ def volume(shape, seed: int) -> np.ndarray:
     from med3dvlm.data.synthetic import sample_case, render_volume
 
     case = sample_case(seed, 0)
-    return render_volume(case, case.series[0][1], tuple(shape), 0)
+    v = render_volume(case, case.series[0][1], tuple(shape), 0).astype(np.float32)
+    return np.round(255 * (v - v.min()) / max(float(v.max() - v.min()), 1e-6)).astype(np.uint8)
 
 
 def parquet_bytes(cols: dict) -> tuple[bytes, float]:
