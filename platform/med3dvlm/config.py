@@ -122,7 +122,8 @@ class TrainConfig:
     keep_checkpoints: int = setting(2, "DeepSpeed checkpoints kept per run (the newest; resume needs one)", 1)
     log_every: int = setting(10, "rank 0 prints a progress line every N steps (0: off)", 0)
     log_seconds: float = setting(10.0, "... but no sooner than this after its last line (0: no limit)", 0)
-    fail_at_step: int = setting(-1, "fault injection for tests: rank 0 raises once at this step")
+    fail_at_step: int = setting(-1, "fault injection for tests: the last rank's worker process is killed (SIGKILL) "
+                                    "once at this step")
     max_failures: int = setting(2, "worker failures Ray Train recovers from (from the last checkpoint)", -1)
     split_field: str = setting("split", "split (the official M3D split, comparable numbers) or case_split (leak-free)")
     augment: bool = setting(True, "the reference augmentation (rot90 H-W, flips, intensity), drawn in Ray Data")

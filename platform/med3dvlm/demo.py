@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -108,6 +109,7 @@ def run_demo(cfg, out: str | Path = "out/demo", cases: int = 120, log=print, llm
         log(f"[demo] tiny LLM pretrained on the training volumes' closed questions: {cfg.model.llm} "
             f"({time.time() - t:.0f} s)")
     exports, figures = {}, {}
+    shutil.rmtree(out / "ckpt", ignore_errors=True)  # the demo trains afresh (the same command would resume its runs)
     for stage in (1, 2, 3):
         r = train(cfg, stage, str(out / "shards"), str(out / "ckpt"), exports.get(stage - 1), log)
         exports[stage], figures[f"stage{stage}"] = r["export"], r["figures"]

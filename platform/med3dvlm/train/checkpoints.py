@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import tempfile
 
+import torch
+
 from med3dvlm import storage
 from med3dvlm.train.plan import due
 
@@ -24,7 +26,9 @@ class Checkpointer:
         import ray.train
 
         with tempfile.TemporaryDirectory() as d:
-            engine.save_checkpoint(d, tag="ds", client_state={"step": step})  # a collective: every rank saves its shard
+            # a collective: every rank saves its shard; with every rank's random state (dropout), which DeepSpeed
+            # keeps in rank 0's file, so that a resumed run repeats an uninterrupted one
+            engine.save_checkpoint(d, tag="ds", client_state={"step": step, "rng": rng_states()})
             ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"checkpoint_step{step + 1:07d}")
 
@@ -33,6 +37,18 @@ class Checkpointer:
         import ray.train
 
         ray.train.report(dict(metrics))
+
+
+def rng_states() -> list:
+    """Every rank's torch random state, in rank order (a collective)."""
+    import torch.distributed as dist
+
+    states = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(states, torch.get_rng_state())
+    else:
+        states = [torch.get_rng_state()]
+    return states
 
 
 def record_placement(export: str | None, start: int, rank: int, world: int) -> None:

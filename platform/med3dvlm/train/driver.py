@@ -99,8 +99,7 @@ def make_trainer(cfg, stage, shards: str, out: str, plan: RunPlan, callbacks, na
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker},
                                      placement_strategy=cfg.train.placement_strategy),
-        run_config=RunConfig(name=name or f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                             storage_path=storage.join(out, "ray"),
+        run_config=RunConfig(name=name, storage_path=storage.join(out, "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures), callbacks=callbacks,
                              logging_config=LoggingConfig(log_level=log_level()),  # per-checkpoint lines: log files
@@ -142,6 +141,10 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
         f"{stage.settings(cfg).epochs:g} epochs = {plan.total_steps} steps on {cfg.train.num_workers} workers "
         f"({'GPU' if cfg.train.use_gpu else 'CPU'}, ZeRO-{cfg.train.zero_stage}); validation "
         + (f"every {plan.eval_every} steps" if plan.validate else "off"))
+    name = name or run_name(cfg, stage, manifest, init, out)
+    if storage.is_file(storage.join(out, "ray", name, "checkpoint_manager_snapshot.json")):
+        log(f"[train] {storage.join(out, 'ray', name)} exists: the same command ran before; resuming from its last "
+            f"checkpoint")
     result = make_trainer(cfg, stage, shards, out, plan, callbacks, name).fit()
     if result.error:
         raise result.error
@@ -159,6 +162,14 @@ def train(cfg, stage: int, shards: str, out: str, init: str | None = None, log=p
         f"{figures.get('samples_per_s', 0):.1f} samples/s, data wait "
         f"{100 * figures.get('data_wait_fraction', 0):.0f}% -> {export}")
     return {"export": export, "figures": figures, "history": history, "checkpoint": result.checkpoint}
+
+
+def run_name(cfg, stage, manifest: dict, init: str | None, out: str) -> str:
+    """Ray Train's run name, from what the run is (config, stage, shards, --init, --out): the same command again
+    finds the run a killed driver left and resumes it (Ray Train V2 resumes a run of the same name and storage)."""
+    key = sha256_json({"config": cfg.to_dict(), "stage": stage.number, "shards": sha256_json(manifest),
+                       "init": storage.absolute(init) if init else None, "out": out})
+    return f"{stage.name}-{key[:12]}"
 
 
 def read_history(export: str) -> list[dict]:

@@ -107,6 +107,10 @@ def resume(engine) -> int:
         return 0
     with ckpt.as_directory() as d:
         _, client = engine.load_checkpoint(d, tag="ds")
+    if "rng" in client:  # this rank's random stream where it stood (dropout): a resumed run repeats an uninterrupted one
+        import torch.distributed as dist
+
+        torch.set_rng_state(client["rng"][dist.get_rank() if dist.is_initialized() else 0])
     return client["step"] + 1
 
 

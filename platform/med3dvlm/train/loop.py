@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 import warnings
 
@@ -38,6 +39,7 @@ def train_loop_per_worker(config: dict) -> None:
     # ---------------------------------------------------------------- the engine, resumed where a failure left it
     engine, scheduler = setup_engine(cfg, stage, plan, device)
     start = resume(engine)
+    resumed = start > 0
     record_placement(plan.export, start, rank, ctx.get_world_size())
 
     # ---------------------------------------------------------------- the components the loop asks
@@ -50,8 +52,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---------------------------------------------------------------- the steps
     for step, epoch, batch, data_s in _steps(cfg, stage, plan, start, rank):
-        if step == cfg.train.fail_at_step and start == 0 and rank == 0:
-            raise RuntimeError(f"fault injection: worker {rank} fails at step {step}")
+        if step == cfg.train.fail_at_step and not resumed and rank == ctx.get_world_size() - 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection (tests): this worker's process dies mid-epoch
         t0 = time.perf_counter()
         loss = train_step(engine, cfg, batch, stage.batch_keys, device)
         recent.add(batch.get("volume"))  # none where the stage reads cached features
@@ -96,7 +98,7 @@ def finish(cfg, plan, engine, log: StepLog, rank: int) -> None:
     log.close()
     if plan.export:
         export_model(engine, plan.export, cfg.train.zero_stage)
-        if rank == 0:
+        if rank == 0 and log.history:  # none: a run resumed after its last step keeps the history it wrote
             storage.write_text(storage.join(plan.export, "history.json"), json.dumps(log.history))
 
 

@@ -1,0 +1,90 @@
+"""Faults under load, injected for real: a Ray Train worker process SIGKILLed mid-epoch, and a killed driver whose
+command is run again. Each run resumes from its last checkpoint and ends with the weights of an uninterrupted run
+(`train.preserve_order`, no augmentation: the `tiny` preset's)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import FAST, cfg_for
+
+ROOT = Path(__file__).resolve().parents[1]
+# precise BatchNorm off: it re-estimates the statistics from the last N batches a worker saw, and a restarted worker
+# has seen only those since its restart (the checkpoint does not carry them)
+SAME = ["train.precise_bn_batches=0", "train.checkpoint_every=2"]
+STAGE1 = ["train.stage1.batch_size=2", *SAME]  # several steps an epoch, a checkpoint every 2
+
+
+def _same_weights(a: str, b: str) -> None:
+    wa, wb = load_file(Path(a) / "model.safetensors"), load_file(Path(b) / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].equal(wb[k]), k
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, tmp_path_factory):
+    from med3dvlm.train.driver import train
+
+    r = train(cfg_for(*STAGE1), 1, str(shards[0]), str(tmp_path_factory.mktemp("whole")), log=lambda *_: None)
+    per_epoch = sum(h["epoch"] == 0 for h in r["history"])
+    assert per_epoch >= 4 and len(r["history"]) >= 2 * per_epoch
+    return r, per_epoch
+
+
+def test_a_worker_killed_mid_epoch_resumes_to_the_same_weights_stage1_zero2(shards, uninterrupted, tmp_path):
+    from med3dvlm.train.driver import train
+
+    whole, per_epoch = uninterrupted
+    kill = per_epoch + 3  # in the second epoch; the last checkpoint before it: after step per_epoch + 1 (even)
+    r = train(cfg_for(*STAGE1, f"train.fail_at_step={kill}", "train.max_failures=1"), 1, str(shards[0]),
+              str(tmp_path), log=lambda *_: None)
+    h = r["history"]
+    assert r["figures"]["restored_from_checkpoint"] and h[0]["step"] <= kill and h[0]["step"] % 2 == 0
+    assert h[0]["step"] > per_epoch  # resumed mid-epoch: the epoch's consumed batches skipped
+    assert [x["loss"] for x in h] == [x["loss"] for x in whole["history"][h[0]["step"]:]]
+    _same_weights(r["export"], whole["export"])
+
+
+def test_a_worker_killed_in_stage3_under_zero3_resumes_to_the_same_weights(chain, shards, tmp_path):
+    from med3dvlm.train.driver import train
+
+    base = ["train.zero_stage=3", "train.stage3.max_steps=8", "train.stage3.batch_size=2", *SAME]
+    whole = train(cfg_for(*base), 3, str(shards[0]), str(tmp_path / "whole"), chain[2]["export"], log=lambda *_: None)
+    r = train(cfg_for(*base, "train.fail_at_step=5", "train.max_failures=1"), 3, str(shards[0]),
+              str(tmp_path / "killed"), chain[2]["export"], log=lambda *_: None)
+    assert r["figures"]["restored_from_checkpoint"] and r["history"][0]["step"] == 4
+    assert [x["loss"] for x in r["history"]] == [x["loss"] for x in whole["history"][4:]]
+    _same_weights(r["export"], whole["export"])
+
+
+def test_a_killed_driver_resumes_when_its_command_runs_again(ray_session, shards, uninterrupted, tmp_path):
+    """`python -m pipelines.train` attached to this session's Ray, SIGKILLed once its run has a checkpoint; the
+    same command again resumes that run and exports the uninterrupted run's weights."""
+    whole, _ = uninterrupted
+    cmd = [sys.executable, "-m", "pipelines.train", "--stage", "1", "--shards", str(shards[0]), "--out",
+           str(tmp_path), *FAST, *STAGE1]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while not list((tmp_path / "ray").glob("*/checkpoint_manager_snapshot.json")) and time.time() < deadline:
+        assert first.poll() is None, "the first run ended before its first checkpoint"
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from its last checkpoint" in again.stdout
+    runs = [p for p in (tmp_path / "ray").iterdir() if p.is_dir()]
+    assert len(runs) == 1  # the same run, not a second one beside it
+    h = json.loads((tmp_path / "stage1" / "history.json").read_text())
+    assert h[0]["step"] > 0
+    _same_weights(str(tmp_path / "stage1"), whole["export"])
