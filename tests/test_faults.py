@@ -4,6 +4,7 @@ command is run again. Each run resumes from its last checkpoint and ends with th
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,3 +89,41 @@ def test_a_killed_driver_resumes_when_its_command_runs_again(ray_session, shards
     h = json.loads((tmp_path / "stage1" / "history.json").read_text())
     assert h[0]["step"] > 0
     _same_weights(str(tmp_path / "stage1"), whole["export"])
+
+
+def _flip_a_volume_byte(path: Path, row_group: int = 0) -> None:
+    """One bit of a stored volume changed in place, in the middle of its column chunk (as a disk might)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+    c = meta.row_group(row_group).column(names.index("volume"))
+    b = bytearray(path.read_bytes())
+    b[(c.dictionary_page_offset or c.data_page_offset) + c.total_compressed_size // 2] ^= 0x10
+    path.write_bytes(bytes(b))
+
+
+def test_a_damaged_shard_stops_training_and_evaluation_with_one_line(chain, shards, tmp_path, capsys):
+    from conftest import one_line_exit_2
+    from pipelines.evaluate import main as evaluate
+    from pipelines.train import main as train
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards[0], copy)
+    flipped = sorted((copy / "volumes").glob("part-*.parquet"))[1]
+    _flip_a_volume_byte(flipped)
+    t = time.time()
+    err = one_line_exit_2(capsys, lambda: train(["--stage", "1", "--shards", str(copy), "--out", str(tmp_path / "o"),
+                                                 *FAST, "train.max_failures=0"]))
+    assert f"{flipped}: row group 0" in err and "damaged" in err and time.time() - t < 120
+    err = one_line_exit_2(capsys, lambda: evaluate(["--task", "retrieval", "--model", chain[1]["export"], "--shards",
+                                                    str(copy), "--split", "train,validation,test", "--n", "4",
+                                                    "--split-field", "case_split", "--allow-overlap",
+                                                    "--out", str(tmp_path / "e")]))
+    assert f"{flipped}: row group 0" in err
+    # cut short: its footer is gone, met before any worker starts
+    cut = sorted((copy / "volumes").glob("part-*.parquet"))[0]
+    cut.write_bytes(cut.read_bytes()[:-3000])
+    err = one_line_exit_2(capsys, lambda: train(["--stage", "1", "--shards", str(copy), "--out", str(tmp_path / "o"),
+                                                 *FAST]))
+    assert f"{cut}: its footer" in err

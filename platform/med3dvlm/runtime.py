@@ -205,6 +205,17 @@ def package_version() -> str:
         return "med3dvlm (not installed; run from a checkout)"
 
 
+DAMAGED = "damaged file: "  # how a damaged file's error begins (`data.verified`), wherever Ray carries it
+
+
+def one_line(error: BaseException) -> str | None:
+    """The damaged-file line inside an error Ray raised on its behalf (a task's, a Train worker's), if there is one."""
+    import re
+
+    m = re.search(re.escape(DAMAGED) + r"[^\n]*", str(error))
+    return m.group(0).removesuffix("'").strip() if m else None
+
+
 def run_cli(main):
     """Apply the environment defaults, run `main()`; bad input exits 2 with one line, never a traceback."""
     from med3dvlm.storage import StoreError
@@ -212,6 +223,9 @@ def run_cli(main):
     apply_env_defaults()
     try:
         return main()
-    except (UserError, StoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - bad input (ours, or a damaged shard met inside a Ray task or worker)
+        line = one_line(e)  # a damaged file's line, not the traceback Ray wraps it in
+        if line is None and not isinstance(e, (UserError, StoreError)):
+            raise
+        print(f"error: {line or e}", file=sys.stderr)
         sys.exit(2)

@@ -28,7 +28,7 @@ from med3dvlm.runtime import UserError, sha256_json
 
 COLUMNS = ("volume_id", "case_id", "split", "case_split", "report", "qa")
 FEATURES = ("feat_low", "feat_high")  # the tower's last two feature maps: the projector's (low, high) inputs
-FORMAT = 1
+FORMAT = 2  # 2: pages with CRC checksums
 ENCODE_BATCH = 4  # volumes per tower call (fixed: the bytes written do not depend on the machine)
 
 
@@ -222,7 +222,7 @@ class ShardEncoder:
         fd, tmp = tempfile.mkstemp(prefix=".features-", suffix=".parquet.tmp")
         os.close(fd)
         try:
-            pq.write_table(table, tmp, compression="zstd", row_group_size=16)
+            pq.write_table(table, tmp, compression="zstd", row_group_size=16, write_page_checksum=True)
             storage.put_file(tmp, spec["out"])
         finally:
             if os.path.exists(tmp):
@@ -239,14 +239,12 @@ def _read_shard(path: str):
 
 def read_features(loc: str, split: str, split_field: str, columns: list[str]):
     """A Ray Dataset of the cache's rows of one split: `columns` (shard columns) with the features as float32 arrays."""
-    import ray.data
-    from ray.data.expressions import col, lit
+    from med3dvlm.data.verified import read_row_groups
 
     man = storage.read_json(storage.join(loc, "manifest.json"))
-    ds = ray.data.read_parquet([storage.join(loc, n) for n in sorted(man["files"])])
-    ds = ds.filter(expr=col(split_field) == lit(split))
     keep = [c for c in columns if c != "volume"] + list(FEATURES)
-    return ds.select_columns(keep).map_batches(decode_features, batch_format="numpy", batch_size=8,
+    ds = read_row_groups([storage.join(loc, n) for n in sorted(man["files"])], keep, (split_field, [split]))
+    return ds.map_batches(decode_features, batch_format="numpy", batch_size=8,
                                                fn_kwargs={"shapes": man["shapes"]})
 
 
