@@ -61,8 +61,9 @@ def test_a_worker_killed_in_stage3_under_zero3_resumes_to_the_same_weights(chain
     whole = train(cfg_for(*base), 3, str(shards[0]), str(tmp_path / "whole"), chain[2]["export"], log=lambda *_: None)
     r = train(cfg_for(*base, "train.fail_at_step=5", "train.max_failures=1"), 3, str(shards[0]),
               str(tmp_path / "killed"), chain[2]["export"], log=lambda *_: None)
-    assert r["figures"]["restored_from_checkpoint"] and r["history"][0]["step"] == 4
-    assert [x["loss"] for x in r["history"]] == [x["loss"] for x in whole["history"][4:]]
+    start = r["history"][0]["step"]  # after the last checkpoint registered before the kill: 4, or 2 if it lagged
+    assert r["figures"]["restored_from_checkpoint"] and start in (2, 4)
+    assert [x["loss"] for x in r["history"]] == [x["loss"] for x in whole["history"][start:]]
     _same_weights(r["export"], whole["export"])
 
 

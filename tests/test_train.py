@@ -79,8 +79,9 @@ def test_a_zero3_run_that_loses_a_worker_resumes_and_exports_the_trained_weights
     r = train(cfg, 1, str(shards[0]), str(tmp_path), log=lambda *_: None)
     h = r["history"]
     assert r["figures"]["loss_last"] < r["figures"]["loss_first"]  # the resumed steps under ZeRO-3 still learn
-    # the restarted worker began after the last checkpoint (step 3 saved at step index 3) and finished every step
-    assert r["figures"]["restored_from_checkpoint"] and h[0]["step"] == 4
+    # the restarted worker began after the last checkpoint Ray Train had registered when the worker died at step 4:
+    # step index 3's (saved just before) or, when its registration had not finished, step index 1's
+    assert r["figures"]["restored_from_checkpoint"] and h[0]["step"] in (2, 4)
     total = json.loads((Path(r["export"]) / "run.json").read_text())["figures"]["last_step"] + 1
     assert h[-1]["step"] == total - 1 and total >= 6
     exported = load_file(Path(r["export"]) / "model.safetensors")
