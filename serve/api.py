@@ -8,6 +8,7 @@ import time
 from typing import Literal
 
 import numpy as np
+import ray.exceptions
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
@@ -15,12 +16,31 @@ from ray import serve
 from med3dvlm.eval.vqa import first_choice
 from med3dvlm.io.volume_store import VolumeStore
 from med3dvlm.models.prompt import LETTERS, question_prompt
-from .deployments import AUTOSCALE
+from .deployments import AUTOSCALE, HEALTH
 
 MAX_NEW_TOKENS = 512
 MAX_PROMPT_CHARS = 2000  # a report request or a question
 MAX_CHOICE_CHARS = 500  # each of choice_a..choice_d
 MIN_TEMPERATURE = 0.05  # 0 is greedy; below this, sampling divides logits into inf/nan
+RETRIES, RETRY_AFTER_S = 4, 2  # a downstream replica that dies under a call: calls again, then 503 + Retry-After
+DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)  # ActorDiedError is a RayActorError
+
+
+async def call(method, *args):
+    """A downstream deployment's answer. A replica that dies under the call is left by Serve's router, and the call
+    goes to another (or to its replacement): every call here is idempotent (preprocessing, retrieval, greedy decoding
+    on fixed weights). 503 with Retry-After when none answers."""
+    for attempt in range(RETRIES):
+        try:
+            return await method.remote(*args)
+        except DIED:
+            await asyncio.sleep(0.25 * 2 ** attempt)
+    raise unavailable()
+
+
+def unavailable() -> HTTPException:
+    return HTTPException(503, "a model replica stopped while answering and none took over in time; retry",
+                         headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 api = FastAPI(title="med3dvlm", version="1", docs_url=None, redoc_url=None,
@@ -49,7 +69,7 @@ async def replica_header(request: Request, call_next):
 
 
 @serve.deployment(autoscaling_config={**AUTOSCALE, "target_ongoing_requests": 16}, ray_actor_options={"num_cpus": 0.5},
-                  max_ongoing_requests=64)
+                  max_ongoing_requests=64, **HEALTH)
 @serve.ingress(api)
 class Api:
     def __init__(self, preprocessor, encoder, generator, retriever, uploads: dict, token: str | None,
@@ -81,7 +101,7 @@ class Api:
         if file is not None and file.filename is not None:
             data = await self._read(file)
             t = time.perf_counter()
-            res = await self.pre.remote(file.filename, data)
+            res = await call(self.pre, file.filename, data)
             timings["preprocess_s"] = round(time.perf_counter() - t, 4)
             if "error" in res:
                 raise HTTPException(400, res["error"])
@@ -101,14 +121,14 @@ class Api:
         is too long for the model once the image tokens are added."""
         if 0 < temperature < MIN_TEMPERATURE:
             raise HTTPException(422, f"temperature {temperature:g}: use 0 (greedy) or {MIN_TEMPERATURE}..2")
-        err = await self.gen.prompt_error.remote(prompt, max_new_tokens)
+        err = await call(self.gen.prompt_error, prompt, max_new_tokens)
         if err:
             raise HTTPException(422, err)
 
     async def _generate(self, item: dict, prompt: str, decoding: dict, timings: dict) -> str:
         tokens = await self._encode(item, timings)
         t = time.perf_counter()
-        text = await self.gen.generate.remote({"tokens": tokens, "prompt": prompt, **decoding})
+        text = await call(self.gen.generate, {"tokens": tokens, "prompt": prompt, **decoding})
         timings["generate_s"] = round(time.perf_counter() - t, 4)
         if isinstance(text, dict):
             raise HTTPException(422, f"cannot answer this request: {text['error']}")
@@ -116,7 +136,7 @@ class Api:
 
     async def _encode(self, item: dict, timings: dict):
         t = time.perf_counter()
-        tokens = await self.enc.encode.remote(item["volume"])
+        tokens = await call(self.enc.encode, item["volume"])
         timings["encode_s"] = round(time.perf_counter() - t, 4)
         if isinstance(tokens, dict):
             raise HTTPException(422, f"cannot encode this volume: {tokens['error']}")
@@ -125,15 +145,24 @@ class Api:
     def _sse(self, tokens, prompt: str, decoding: dict, timings: dict, t0: float, finish) -> StreamingResponse:
         """Server-Sent Events: `data: {"text": piece}` per decoded piece, then `event: done` with the whole answer,
         the timings (time to first token included) and what `finish(answer)` adds (the choice letter)."""
-        gen = self.gen.options(stream=True).stream.remote({"tokens": tokens, "prompt": prompt, **decoding})
+        request = {"tokens": tokens, "prompt": prompt, **decoding}
 
         async def events():
             pieces = []
-            async for piece in gen:
-                if not pieces:
-                    timings["first_token_s"] = round(time.perf_counter() - t0, 4)
-                pieces.append(piece)
-                yield f"data: {json.dumps({'text': piece})}\n\n"
+            for attempt in range(RETRIES):  # a Generator that dies before the first piece: streamed again elsewhere
+                try:
+                    async for piece in self.gen.options(stream=True).stream.remote(request):
+                        if not pieces:
+                            timings["first_token_s"] = round(time.perf_counter() - t0, 4)
+                        pieces.append(piece)
+                        yield f"data: {json.dumps({'text': piece})}\n\n"
+                    break
+                except DIED:
+                    if pieces or attempt == RETRIES - 1:  # what was sent cannot be taken back: the client retries
+                        yield ("event: error\ndata: " + json.dumps({"error": "the model replica stopped mid-answer",
+                               "retryable": True, "retry_after_s": RETRY_AFTER_S}) + "\n\n")
+                        return
+                    await asyncio.sleep(0.25 * 2 ** attempt)
             timings["total_s"] = round(time.perf_counter() - t0, 4)
             answer = "".join(pieces).strip()
             yield f"event: done\ndata: {json.dumps({**finish(answer), 'timings': timings})}\n\n"
@@ -265,11 +294,11 @@ class Api:
             raise HTTPException(404, "retrieval is not configured (start the app with clip=DIR index=SHARDS)")
         t0 = time.perf_counter()
         if text is not None and text.strip():
-            hits = await self.ret.by_text.remote(text.strip(), k)
+            hits = await call(self.ret.by_text, text.strip(), k)
             return {"query": "text", "results": hits, "timings": {"total_s": round(time.perf_counter() - t0, 4)}}
         if file is None and not volume_id:
             raise HTTPException(400, "send `text`, or a volume (`file` or `volume_id`)")
         vid, item, timings = await self._volume(file, volume_id)
-        hits = await self.ret.by_volume.remote(item["volume"], k)
+        hits = await call(self.ret.by_volume, item["volume"], k)
         timings["total_s"] = round(time.perf_counter() - t0, 4)
         return {"query": "volume", "volume_id": vid, "results": hits, "timings": timings}

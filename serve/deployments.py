@@ -10,10 +10,13 @@ from ray import serve
 
 AUTOSCALE = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4, "upscale_delay_s": 5,
              "downscale_delay_s": 60}
+# a replica that died is found by its next health check and replaced (Serve's defaults, 10 s and 30 s, left a killed
+# replica's deployment short of its count for over a minute)
+HEALTH = {"health_check_period_s": 2, "health_check_timeout_s": 10}
 BATCH = 8  # @serve.batch max size; max_ongoing_requests >= BATCH x max_concurrent_batches so batches can fill
 
 
-@serve.deployment(autoscaling_config=AUTOSCALE, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8)
+@serve.deployment(autoscaling_config=AUTOSCALE, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8, **HEALTH)
 class Preprocessor:
     """Upload bytes -> the preprocessed (D, H, W) uint8 volume, exactly as the training shards were made, and the
     upload on its own grid for the viewer (`transform.display_volume`)."""
@@ -62,7 +65,8 @@ def _threads():
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
 
-@serve.deployment(autoscaling_config=AUTOSCALE, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=2 * BATCH)
+@serve.deployment(autoscaling_config=AUTOSCALE, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=2 * BATCH,
+                  **HEALTH)
 class Encoder:
     """DCFormer + projector of the served VLM: volumes -> image tokens, batched across requests."""
 
@@ -99,7 +103,8 @@ class Encoder:
         return {"batches": len(self.batch_sizes), "max_batch": max(self.batch_sizes, default=0)}
 
 
-@serve.deployment(autoscaling_config=AUTOSCALE, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=2 * BATCH)
+@serve.deployment(autoscaling_config=AUTOSCALE, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=2 * BATCH,
+                  **HEALTH)
 class Generator:
     """The LLM of the served VLM: image tokens + prompt -> text, batched (requests with equal decoding options)."""
 
@@ -185,7 +190,7 @@ class Generator:
         return out
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16, **HEALTH)
 class Retriever:
     """Stage-1 CLIP features of every volume and report in `index` shards: text -> volumes, volume -> reports."""
 

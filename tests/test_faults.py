@@ -128,3 +128,30 @@ def test_a_damaged_shard_stops_training_and_evaluation_with_one_line(chain, shar
     err = one_line_exit_2(capsys, lambda: train(["--stage", "1", "--shards", str(copy), "--out", str(tmp_path / "o"),
                                                  *FAST]))
     assert f"{cut}: its footer" in err
+
+
+def test_serving_loses_no_answer_when_a_replica_of_each_deployment_is_killed(chain, shards):
+    """bench/faults.py's harness, shorter: mixed requests from 8 clients while one Encoder, one Generator and one
+    ingress replica are killed (`ray.kill`); a client that retries gets every answer, each the one the same request
+    got before the faults, and every deployment is back to its count within a minute."""
+    from ray import serve
+
+    from conftest import free_port
+    from med3dvlm.serve.app import build_app
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from faults import run_faults, upload_volumes
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    try:
+        serve.run(build_app({"model": chain[3]["export"], "clip": chain[1]["export"], "index": str(shards[0]),
+                             "ingress_replicas": 2, "replica_cpus": 0.1}), name="faults", route_prefix="/faults")
+        base = f"http://127.0.0.1:{port}/faults"
+        res = run_faults(base, "faults", upload_volumes(base, str(shards[0]), 2), True, n=60, kill_at=(2, 10, 18))
+    finally:
+        serve.shutdown()
+    assert res["lost"] == 0 and res["wrong_answer"] == 0, res
+    assert [k["deployment"] for k in res["kills"]] == ["Encoder", "Generator", "Api"]
+    assert all(k["recovered"] and k["recovered_s"] < 60 for k in res["kills"]), res["kills"]
+    assert res["requests"] >= 60 and res["latency_s"]["during"]["n"] > 0
