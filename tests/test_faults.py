@@ -155,3 +155,69 @@ def test_serving_loses_no_answer_when_a_replica_of_each_deployment_is_killed(cha
     assert [k["deployment"] for k in res["kills"]] == ["Encoder", "Generator", "Api"]
     assert all(k["recovered"] and k["recovered_s"] < 60 for k in res["kills"]), res["kills"]
     assert res["requests"] >= 60 and res["latency_s"]["during"]["n"] > 0
+
+
+def _complete(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+        return True
+    except (OSError, ValueError):
+        return not path.exists()  # renamed away between the listing and the read
+
+
+def test_a_killed_preprocessing_driver_leaves_no_partial_shard_and_its_rerun_is_byte_identical(
+        ray_session, synthetic_m3d, tmp_path):
+    """The driver SIGKILLed at three seeded random moments; a watcher reads every file under a final name while it
+    runs (a partial one has no footer); each re-run ends with the uninterrupted run's bytes."""
+    import random
+
+    raw, _ = synthetic_m3d
+    cmd = [sys.executable, "-m", "pipelines.preprocess", "--raw", str(raw), "--out", str(tmp_path / "out"),
+           "data.rows_per_shard=16"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    rng, partial = random.Random(42), []
+    for _ in range(3):
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + rng.uniform(2, 8)  # the whole command takes about 8 s here
+        while time.time() < deadline and proc.poll() is None:
+            partial += [p for p in (tmp_path / "out" / "volumes").glob("part-*.parquet") if not _complete(p)]
+            time.sleep(0.05)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not partial
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    whole = [*cmd[:-2], str(tmp_path / "whole"), cmd[-1]]  # the same command, uninterrupted, into a fresh folder
+    subprocess.run(whole, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    want = sorted((tmp_path / "whole" / "volumes").glob("part-*.parquet"))
+    got = sorted((tmp_path / "out" / "volumes").glob("part-*.parquet"))
+    assert [p.name for p in got] == [p.name for p in want]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(got, want))
+
+
+def test_a_full_disk_stops_preprocessing_with_one_line_and_keeps_the_manifest(ray_session, synthetic_m3d, shards,
+                                                                              tmp_path, capsys):
+    """Shards on a filesystem with no room for a rewrite (a tmpfs of the shards' size): one line, every file under a
+    final name whole, manifest.json as it was."""
+    from conftest import one_line_exit_2
+    from pipelines.preprocess import main
+
+    raw, _ = synthetic_m3d
+    small = tmp_path / "small"
+    small.mkdir()
+    size = sum(p.stat().st_size for p in shards[0].rglob("*") if p.is_file()) + (256 << 10)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(small)]).returncode:
+        pytest.skip("cannot mount a small filesystem here (needs CAP_SYS_ADMIN)")
+    try:
+        shutil.copytree(shards[0], small / "out")
+        before = (small / "out" / "manifest.json").read_bytes()
+        err = one_line_exit_2(capsys, lambda: main(["--raw", str(raw), "--out", str(small / "out"),
+                                                    "data.rows_per_shard=16", "data.window=[-100,200]"]))
+        assert "cannot write: " in err and "No space left on device" in err and "part-" in err
+        assert (small / "out" / "manifest.json").read_bytes() == before
+        assert all(_complete(p) for p in (small / "out" / "volumes").glob("part-*.parquet"))
+        assert not [p for p in (small / "out" / "volumes").iterdir() if not p.name.startswith("part-")]
+    finally:
+        subprocess.run(["umount", str(small)])

@@ -206,13 +206,15 @@ def package_version() -> str:
 
 
 DAMAGED = "damaged file: "  # how a damaged file's error begins (`data.verified`), wherever Ray carries it
+NO_SPACE = "cannot write: "  # how a full disk's error begins (`data.shards`)
 
 
 def one_line(error: BaseException) -> str | None:
-    """The damaged-file line inside an error Ray raised on its behalf (a task's, a Train worker's), if there is one."""
+    """The line of a damaged file or a full disk inside an error Ray raised on its behalf (a task's, a Train
+    worker's), if there is one."""
     import re
 
-    m = re.search(re.escape(DAMAGED) + r"[^\n]*", str(error))
+    m = re.search(f"({re.escape(DAMAGED)}|{re.escape(NO_SPACE)})" + r"[^\n]*", str(error))
     return m.group(0).removesuffix("'").strip() if m else None
 
 

@@ -11,6 +11,7 @@ and skips the shard; the bytes are the same because the shard assignment, the ro
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import numpy as np
 from med3dvlm import storage
 from med3dvlm.data.transform import preprocess_volume
 from med3dvlm.io import VolumeError, read_volume
+from med3dvlm.runtime import NO_SPACE, UserError
 
 QA_FIELDS = [
     ("question_type", "int8"), ("question", "string"), ("choice_a", "string"), ("choice_b", "string"),
@@ -105,6 +107,11 @@ def process_shard(spec: dict) -> dict:
         rows, quarantine = _write_shard(spec["items"], spec["data"], tmp)
         digest, nbytes = storage.sha256(tmp), os.path.getsize(tmp)
         storage.put_file(tmp, path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        raise UserError(f"{NO_SPACE}{path}: {os.strerror(e.errno)}; nothing was written under that name and the "
+                        f"previous manifest is kept: free space and run the same command again") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
