@@ -89,9 +89,9 @@ def worker_env() -> dict:
 
 # glibc's malloc in the processes that do the heavy work (Ray Train's workers, preprocessing tasks): one arena, large
 # blocks from the heap rather than mmap, no trimming. By default each freed large block is unmapped and the next one
-# faulted in again page by page: a DCFormer-small step with its AdamW update at the paper's shape (batch 2,
-# 128x256x256, in a thread as Ray Train runs it) took 3.52 s with 1.18 million page faults, 2.52 s with these
-# settings, at 1 GB more peak memory (2026-11-30, bench/allocator.py). Other allocators and platforms ignore them.
+# faulted in again page by page, which made a DCFormer-small step at the paper's shape about a third slower; these
+# settings cost about 1 GB more peak memory (bench/allocator.py, bench/results/allocator.md). Other allocators and
+# platforms ignore them.
 KEEP_FREED_MEMORY = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 

@@ -39,15 +39,11 @@ class AxisConv3d(nn.Conv3d):
     paths compute the same sums faster:
 
     - at stride 1, depthwise in either layout, dense along H or W from channels-last: a 2-D convolution on a view
-      of the input. oneDNN's 2-D depthwise kernels are far quicker than its 3-D ones (forward+backward along D / H /
-      W, 2026-11-30, torch 2.13, this project's CPU box: 96x4x32x32 plain, k 13: 8.4 / 11.1 / 7.5 ms against 2.3 /
-      3.2 / 4.2; 2x96x16x32x32 channels-last: 69.7 / 40.6 / 44.1 against 14.8 / 7.0 / 18.7); its dense ones a little
-      (the stem's 64->64 convolutions: a DCFormer-small step at 2x128x256x256 1.03-1.05x in float32, the same in bf16
-      and at 1x32x256x256; along D the 2-D backward is slower);
+      of the input. oneDNN's 2-D depthwise kernels are several times quicker than its 3-D ones; its dense ones a
+      little (the stem's 64->64 convolutions; along D the 2-D backward is slower);
     - one input channel (the stem's first layer): a matmul of each output position's taps, channels-last out, so
-      the stem needs no layout copy either way and no oneDNN reorder under bf16 autocast (a DCFormer-small step at
-      2x128x256x256, interleaved in one process: 1.06x in float32 and in bf16; 2026-11-30 11:50), its weight gradient
-      taken the quick way round (1.04x more in float32, 15:28)."""
+      the stem needs no layout copy either way and no oneDNN reorder under bf16 autocast, its weight gradient taken
+      the quick way round (each a few percent of a step; the figures are in the git log)."""
 
     def __init__(self, cin: int, cout: int, k: int, axis: int, stride: int = 1, groups: int = 1):
         kernel, pad = [1, 1, 1], [0, 0, 0]
@@ -137,8 +133,7 @@ class DecompConv3d(nn.Module):
 class _ToChannelsLast(torch.autograd.Function):
     """x -> channels-last 3-D (the stem's first output off the CPU), with its gradient returned plain, in the layout
     of the plain layer before it: given a plain input and a channels-last gradient, torch's CPU BatchNorm takes a
-    generic path (forward and backward at the stem's 64x8x64x64: 18.9 ms against 4.3 with both in one layout;
-    2026-11-30, torch 2.13, this project's CPU box)."""
+    generic path, several times slower than with both in one layout."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +159,7 @@ class _GradChannelsLast(torch.autograd.Function):
 class MaxPool(nn.MaxPool3d):
     """MaxPool3d whose output gradient is handed back channels-last when its input is: given a channels-last input
     and the plain gradient that the 1x1x1 convolution after it returns, torch's CPU max-pool backward first copies the
-    whole input to plain (the two pools of a step at 1x32x256x256: 13.0 -> 4.5 ms with this; 2026-11-30)."""
+    whole input to plain (about three times the pools' time)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
@@ -254,9 +249,8 @@ class DCFormer(nn.Module):
         # picks a layout by shape (plain at 1x32x256x256, channels-last at the paper's 2x128x256x256; forcing
         # channels-last measured no faster). On CPU, AxisConv3d runs the 1-D convolutions as 2-D ones on a view and
         # the first layer (one input channel) as a matmul with a channels-last output, and the pool hands its
-        # gradient back in its input's layout (MaxPool). Fwd+bwd: 1.31-1.48x the reference's on 2-core CPU boxes,
-        # by machine and hour (2026-11-30, bench/results/vs_reference.json), 1.42x on an H100 before these CPU paths
-        # (gpu.md). Off the CPU the first layer is a plain Conv3d whose output is copied to channels-last (torch
+        # gradient back in its input's layout (MaxPool); the speed beside the reference's is in
+        # bench/results/vs_reference.json. Off the CPU the first layer is a plain Conv3d whose output is copied to channels-last (torch
         # 2.13's oneDNN corrupts the heap for a channels-last 1->C strided Conv3d at batch > 1, so its weight stays
         # plain).
         x = self.stem(x)
