@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 from med3dvlm.runtime import apply_env_defaults  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import provenance  # noqa: E402
+
 apply_env_defaults()
 
 
@@ -93,6 +96,7 @@ def main():
     ap.add_argument("--volumes", type=int, default=48)
     ap.add_argument("--shape", type=int, nargs=3, default=(128, 256, 256))
     ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--out", default=None, help="default bench/results/data_feed.json")
     a = ap.parse_args()
     from med3dvlm.config import load_config
     from med3dvlm.runtime import init_ray
@@ -113,9 +117,8 @@ def main():
             print(f"stage {stage}: {r['samples_per_s']} samples/s = {r['samples_per_s_per_core']} per core "
                   f"(target >= {target}; baseline: one H100 takes 129 stage-1 samples/s); applying the augmentation "
                   f"on this CPU instead of a GPU: {r['cpu_augment_ms_per_sample']} ms per sample", flush=True)
-    out = {"date": time.strftime("%Y-%m-%d"), "shape": list(shape), "volumes": a.volumes, "rows": rows,
-           "command": "python bench/data_feed.py " + " ".join(sys.argv[1:])}
-    (ROOT / "bench" / "results" / "data_feed.json").write_text(json.dumps(out, indent=1))
+    out = {**provenance(), "shape": list(shape), "volumes": a.volumes, "rows": rows}
+    (Path(a.out) if a.out else ROOT / "bench" / "results" / "data_feed.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

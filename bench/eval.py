@@ -26,6 +26,9 @@ from med3dvlm.config import load_config  # noqa: E402
 from med3dvlm.models.prompt import REPORT_PROMPTS  # noqa: E402
 from med3dvlm.models.vlm import VLM  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import provenance  # noqa: E402
+
 
 def bench_generation(threads: int, new_tokens: int, samples: int, sizes=(1, 4, 16)) -> list[dict]:
     torch.set_num_threads(threads)
@@ -76,6 +79,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--out", default=None, help="default bench/results/eval.json")
     a = p.parse_args()
     gen = bench_generation(a.threads, a.new_tokens, a.samples)
     met = bench_metrics(max(a.samples, 64))
@@ -87,9 +91,9 @@ def main():
     print("\nText metrics, report-length pairs (one process)\n| metric | pairs/s |\n|---|--:|")
     for r in met:
         print(f"| {r['metric']} | {r['pairs_per_s']:.0f} |")
-    out = ROOT / "bench" / "results" / "eval.json"
-    out.write_text(json.dumps({"args": vars(a), "generation": gen, "metrics": met}, indent=1))
-    print(f"\nwritten {out.relative_to(ROOT)}")
+    out = Path(a.out) if a.out else ROOT / "bench" / "results" / "eval.json"
+    out.write_text(json.dumps({**provenance(), "args": vars(a), "generation": gen, "metrics": met}, indent=1))
+    print(f"\nwritten {out}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+import os
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
@@ -151,7 +155,7 @@ def main():
            "command": "python bench/replica_memory.py", "export": "DCFormer-small 128x256x256 + Qwen2 (0.5B shapes, "
            "30,524-token vocabulary, untied head), random weights", "rows": rows}
     out = ROOT / "bench" / "results" / "replica_memory.json"
-    out.write_text(json.dumps(res, indent=1))
+    out.write_text(json.dumps({**provenance(), **res}, indent=1))
     print(f"-> {out}")
 
 

@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 
 import requests
+import os
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
@@ -217,7 +221,7 @@ def main():
     ray.shutdown()
     print_tables(a, enc_ms, rows, auto)
     out = ROOT / "bench" / "results" / "serve.json"
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "args": vars(a), "encoder_bare_ms": enc_ms,
+    out.write_text(json.dumps({**provenance(), "args": vars(a), "encoder_bare_ms": enc_ms,
                                "rows": rows, "autoscaled": auto}, indent=1))
     print(f"written {out.relative_to(ROOT)}")
 

@@ -20,6 +20,10 @@ sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
 
 from med3dvlm.config import load_config  # noqa: E402
 from med3dvlm.runtime import init_ray  # noqa: E402
+import os
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import provenance  # noqa: E402
 
 CONFIGS = {
     "tiny": ("tiny", []),
@@ -68,7 +72,7 @@ def main():
         print(f"| {r['config']} | {r['shape']} | {r['stage']} | {r['batch']} | {r['samples_per_s']:.1f} | "
               f"{100 * r['data_wait_fraction']:.0f}% | {r['samples_per_s'] / base['samples_per_s']:.2f}x | {r['wall_s']:.0f} |")
     out = ROOT / "bench" / "results" / "train.json"
-    out.write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
+    out.write_text(json.dumps({**provenance(), "args": vars(a), "rows": rows}, indent=1))
     print(f"written {out.relative_to(ROOT)}")
 
 
