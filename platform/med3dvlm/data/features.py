@@ -231,10 +231,10 @@ class ShardEncoder:
 
 
 def _read_shard(path: str):
-    import pyarrow.parquet as pq
+    """The shard's columns the cache keeps, and its volumes, with the page checksums verified."""
+    from med3dvlm.data.verified import open_file
 
-    fs, p = storage.resolve(path)
-    return pq.read_table(p, filesystem=fs, columns=list(COLUMNS) + ["volume", "shape"])
+    return open_file(path).read(columns=list(COLUMNS) + ["volume", "shape"])
 
 
 def read_features(loc: str, split: str, split_field: str, columns: list[str]):

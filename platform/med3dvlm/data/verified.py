@@ -50,6 +50,7 @@ def row_groups(files: list[str], where: tuple[str, list] | None = None) -> list[
 
 def read_row_group(path: str, index: int, columns: list[str] | None, where: tuple[str, list] | None = None):
     """One row group as a pyarrow Table, its pages verified, filtered by `where`; ShardError naming it."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     try:
@@ -57,7 +58,7 @@ def read_row_group(path: str, index: int, columns: list[str] | None, where: tupl
     except (OSError, ValueError) as e:
         raise damaged(path, index, e) from None
     if where:
-        t = t.filter(pc.is_in(t.column(where[0]), value_set=__import__("pyarrow").array(where[1])))
+        t = t.filter(pc.is_in(t.column(where[0]), value_set=pa.array(where[1])))
     return t.drop_columns([where[0]]) if where and columns and where[0] not in columns else t
 
 
