@@ -73,7 +73,10 @@ def test_a_killed_driver_resumes_when_its_command_runs_again(ray_session, shards
     whole, _ = uninterrupted
     cmd = [sys.executable, "-m", "pipelines.train", "--stage", "1", "--shards", str(shards[0]), "--out",
            str(tmp_path), *FAST, *STAGE1]
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    # attached to this session's local Ray as to a cluster; without the preemption watcher a cluster run starts (a
+    # local Ray has no node to drain: test_train's test_a_local_ray_starts_no_preemption_watcher)
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     deadline = time.time() + 240

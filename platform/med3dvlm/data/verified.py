@@ -53,8 +53,9 @@ def read_row_group(path: str, index: int, columns: list[str] | None, where: tupl
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    read = None if columns is None else list(dict.fromkeys(columns + ([where[0]] if where else [])))
     try:
-        t = open_file(path).read_row_group(index, columns=columns)
+        t = open_file(path).read_row_group(index, columns=read)
     except (OSError, ValueError) as e:
         raise damaged(path, index, e) from None
     if where:
@@ -65,13 +66,9 @@ def read_row_group(path: str, index: int, columns: list[str] | None, where: tupl
 def _read_batch(batch, columns, where):
     import pyarrow as pa
 
-    tables = [read_row_group(f, int(i), _with(columns, where), where)
+    tables = [read_row_group(f, int(i), columns, where)
               for f, i in zip(batch["file"].to_pylist(), batch["row_group"].to_pylist())]
     return pa.concat_tables(tables) if tables else pa.table({})
-
-
-def _with(columns, where):
-    return None if columns is None else list(dict.fromkeys(columns + ([where[0]] if where else [])))
 
 
 def read_row_groups(files: list[str], columns: list[str] | None = None, where: tuple[str, list] | None = None):
