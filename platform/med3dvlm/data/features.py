@@ -75,7 +75,6 @@ def why_not(cfg, stage) -> str | None:
 def check(loc: str, parts: dict) -> dict:
     """The cache at `loc` against its key: the manifest's parts, then each file (present, its size, the key in its
     footer). UserError naming the part or the file; returns the manifest."""
-    import pyarrow.parquet as pq
 
     man = storage.join(loc, "manifest.json")
     got = storage.read_json(man)
@@ -88,14 +87,17 @@ def check(loc: str, parts: dict) -> dict:
         if not storage.is_file(path) or storage.size(path) != f["bytes"]:
             raise UserError(f"feature cache file {path}: " + ("missing" if not storage.is_file(path) else
                             f"{storage.size(path)} bytes where the manifest says {f['bytes']}") + "; delete the folder")
-        fs, p = storage.resolve(path)
-        try:
-            meta = pq.read_schema(p, filesystem=fs).metadata or {}
-        except Exception as e:  # noqa: BLE001 - pyarrow's errors for a file that is not Parquet vary
-            raise UserError(f"feature cache file {path}: not a Parquet file ({type(e).__name__})") from None
-        if json.loads(meta.get(b"med3dvlm.features", b"{}")).get("key") != got["key"]:
+        if file_meta(path).get("key") != got["key"]:
             raise UserError(f"feature cache file {path}: written for another key; delete the folder")
     return got
+
+
+def file_meta(path: str) -> dict:
+    """What a cache file's footer says it holds (key, rows, shapes); a footer that cannot be read: ShardError."""
+    from med3dvlm.data.verified import open_file
+
+    meta = open_file(path).schema_arrow.metadata or {}
+    return json.loads(meta.get(b"med3dvlm.features", b"{}"))
 
 
 def prepare(cfg, stage, shards: str, manifest: dict, init: str | None, log=print) -> str | None:
@@ -180,12 +182,9 @@ class ShardEncoder:
         self.tower.eval()
 
     def __call__(self, row: dict) -> dict:
-        import pyarrow.parquet as pq
-
         spec = json.loads(row["spec"])
         if storage.is_file(spec["out"]):
-            fs, p = storage.resolve(spec["out"])
-            meta = json.loads((pq.read_schema(p, filesystem=fs).metadata or {}).get(b"med3dvlm.features", b"{}"))
+            meta = file_meta(spec["out"])
             if meta.get("key") == spec["key"]:
                 return {"result": json.dumps(self._record(spec["out"], meta))}
         return {"result": json.dumps(self.encode(spec))}
