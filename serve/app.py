@@ -26,35 +26,38 @@ DeploymentHandles. Arguments (`key=value` after the import path, or `args:` in Y
 
 import dataclasses
 import os
+import re
 import sys
 
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from ray import serve
 
-from med3dvlm.config import number_rules, setting
+from med3dvlm.settings import ARGS, load_settings, setting
 
 from .api import Api
 from .deployments import Encoder, Generator, Preprocessor, Retriever
 
-__all__ = ["build_app", "APP_ARGS", "AppArgs", "Api", "Encoder", "Generator", "Preprocessor", "Retriever"]
+__all__ = ["build_app", "APP_ARGS", "AppArgs", "AppSettings", "Api", "Encoder", "Generator", "Preprocessor", "Retriever"]
 
 
 @dataclasses.dataclass
-class AppArgs:
-    """The application's arguments (`key=value` after the import path, or `args:` in YAML), each with its help and
-    its bounds beside it (`config.setting`); `check_args` holds a dict of them to these."""
+class AppSettings:
+    """The application's settings, each with its help and its bounds or choices beside it (`settings.setting`),
+    loaded by the project's one settings loader (`AppArgs` below hands them to it)."""
 
     model: str | None = setting(None, "stage-2/3 export for reports and VQA (path or URI)")
     clip: str | None = setting(None, "stage-1 export for retrieval (with index)")
     index: str | None = setting(None, "shards whose volumes and reports retrieval searches (with clip)")
     index_split: str | None = setting(None, "only this split in the index (None: all)")
-    index_split_field: str = setting("split", "the field index_split reads: split or case_split")
+    index_split_field: str = setting("split", "the field index_split reads", choices=("split", "case_split"))
     config: str | None = setting(None, "preprocessing preset or YAML (default: as the export records its data)")
     token: str | None = setting(None, "bearer token (or $MED3DVLM_SERVE_TOKEN); none: no auth")
     max_upload_mb: float = setting(256, "upload limit in MiB", 0.001)
     cache_size: int = setting(256, "uploads kept for follow-up requests", 1)
     uploads: str | None = setting(None, "where uploads are kept: a path or URI every ingress replica reaches")
     device: str = setting("cpu", "cpu or cuda[:N]")
-    dtype: str | None = setting(None, "Encoder and Generator weights: float32 (None), bfloat16, float16 (GPU)")
+    dtype: str | None = setting(None, "Encoder and Generator weights (None: float32; half precision on a GPU)",
+                                choices=("float32", "bfloat16", "float16"))
     replica_cpus: float | None = setting(None, "CPUs per replica for every deployment", 0.001)
     gpus_per_replica: float | None = setting(None, "GPUs per Encoder and Generator replica with device=cuda (1)", 0.001)
     replicas: int | None = setting(None, "a fixed number of Encoder and Generator replicas instead of autoscaling", 1)
@@ -64,36 +67,43 @@ class AppArgs:
     look_back_period_s: float | None = setting(None, "autoscaling: the window ongoing requests are averaged over", 0.0)
     metrics_interval_s: float | None = setting(None, "autoscaling: how often replicas report their load", 0.0)
 
+    def __post_init__(self):
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
+            raise ValueError(f"argument 'device' is {self.device!r}; it must be cpu or cuda (cuda:N for one GPU)")
+
+
+class AppArgs(BaseModel):
+    """The typed arguments Serve validates before it calls `build_app` (Ray Serve's typed application builder): the
+    `key=value` arguments of `serve run`, or `args:` in a deploy config, loaded into `AppSettings` by the one settings
+    loader, so an unknown argument is refused with the nearest known one and a number out of bounds names its bounds.
+    Under the `serve` command line a refusal is one line and exit 2, not a traceback."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    settings: AppSettings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load(cls, data):
+        if isinstance(data, AppSettings):
+            return {"settings": data}
+        if isinstance(data, dict) and isinstance(data.get("settings"), AppSettings):
+            return data
+        try:
+            return {"settings": load_settings(AppSettings, dict(data), ARGS)}
+        except ValueError as e:
+            refuse(e)
+
 
 AUTOSCALE_ARGS = ("upscale_delay_s", "downscale_delay_s", "look_back_period_s", "metrics_interval_s")
-APP_ARGS = {f.name for f in dataclasses.fields(AppArgs)}
-NUMBERS = {name: (kind, least) for name, (kind, least, _) in number_rules(AppArgs).items()}  # name -> (type, least)
+APP_ARGS = {f.name for f in dataclasses.fields(AppSettings)}
 
 
-def check_args(args: dict) -> None:
-    """Refuse, before anything is built and naming the argument: an unknown name, a number that is not one (or not
-    finite, or below its least value), a device other than cpu / cuda[:N], a dtype other than the three."""
-    import re
-
-    from med3dvlm.config import bounds_text, number_ok
-
-    unknown = sorted(set(args) - APP_ARGS)
-    if unknown:
-        raise ValueError(f"unknown argument(s) {', '.join(unknown)}; the app takes {', '.join(sorted(APP_ARGS))}")
-    for key, (kind, least) in NUMBERS.items():
-        if args.get(key) is None:
-            continue
-        try:  # `key=value` on the command line is text; in serve/config.yaml it is already a number
-            value = kind(str(args[key]).strip())
-        except ValueError:
-            value = None
-        if not number_ok(value, least, whole=kind is int):
-            what = "a whole number" if kind is int else "a number"
-            raise ValueError(f"{key}={args[key]!r}: expects {what} of {bounds_text(least)}")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(args.get("device", "cpu"))):
-        raise ValueError(f"device={args['device']!r}: cpu or cuda (cuda:N for one GPU)")
-    if args.get("dtype") not in (None, "float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype={args['dtype']!r}: float32, bfloat16 or float16")
+def refuse(e: Exception):
+    """Under the `serve` command line: one line and exit 2; elsewhere the error itself (a ValueError naming it)."""
+    if os.path.basename(sys.argv[0]) != "serve":
+        raise e
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def data_settings(meta: dict, config: str | None) -> dict:
@@ -106,57 +116,55 @@ def data_settings(meta: dict, config: str | None) -> dict:
     return {"window": list(cfg.data.window), "window_mode": cfg.data.window_mode}
 
 
-def build_app(args: dict) -> serve.Application:
-    """`serve run med3dvlm.serve.app:build_app model=DIR [clip=DIR index=SHARDS] [token=...] ...`: bad arguments or
-    exports raise ValueError naming them; under the `serve` command line, one line and exit 2 instead of a traceback."""
+def build_app(args: AppArgs) -> serve.Application:
+    """`serve run med3dvlm.serve.app:build_app model=DIR [clip=DIR index=SHARDS] [token=...] ...`: Serve validates the
+    arguments into `AppArgs` first; a Python caller may pass a dict. Bad arguments or exports raise ValueError naming
+    them; under the `serve` command line, one line and exit 2 instead of a traceback."""
     from med3dvlm.runtime import UserError
     from med3dvlm.storage import StoreError
 
     try:
-        return _build_app(args)
+        a = (args if isinstance(args, AppArgs) else AppArgs.model_validate(args)).settings
+        return _build_app(a)
+    except ValidationError as e:  # a dict a Python caller passed: the loader's own line
+        refuse(e.errors()[0].get("ctx", {}).get("error", e))
     except (ValueError, UserError, StoreError) as e:
-        if os.path.basename(sys.argv[0]) != "serve":
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        refuse(e)
 
 
-def _build_app(args: dict) -> serve.Application:
+def _build_app(a: AppSettings) -> serve.Application:
     from med3dvlm import storage
     from med3dvlm.models.export import CLIP, VLM, check_tensors, read_meta
     from med3dvlm.runtime import apply_env_defaults
 
     apply_env_defaults()
-    check_args(args)
-    model = args.get("model")
-    if not model:
+    if not a.model:
         raise ValueError("model=DIR: give a stage-2/3 export directory or URI")
-    model = storage.absolute(model)
+    model = storage.absolute(a.model)
     meta = read_meta(model, VLM)
     check_tensors(model)
-    clip, index = [storage.absolute(args[k]) if args.get(k) else None for k in ("clip", "index")]
+    clip, index = [storage.absolute(v) if v else None for v in (a.clip, a.index)]
     if bool(clip) != bool(index):
         raise ValueError("retrieval needs both clip=DIR (stage-1 export) and index=SHARDS")
     if clip:
         read_meta(clip, CLIP)
         check_tensors(clip)
-    max_bytes = int(float(args.get("max_upload_mb", 256)) * (1 << 20))
-    token = args.get("token") or os.environ.get("MED3DVLM_SERVE_TOKEN") or None
-    device, dtype = args.get("device", "cpu"), args.get("dtype")
+    max_bytes = int(a.max_upload_mb * (1 << 20))
+    token = a.token or os.environ.get("MED3DVLM_SERVE_TOKEN") or None
     deps = {d.name: d for d in (Api, Preprocessor, Encoder, Generator) + ((Retriever,) if clip else ())}
-    deps = place(deps, args, device, cluster_resources())
+    deps = place(deps, a, cluster_resources())
     info = {"path": str(model), "encoder": meta["model"]["encoder"], "input_shape": meta["input_shape"],
             "llm": meta["model"]["llm"], "lora": meta["lora"]}
-    retriever = deps["Retriever"].bind(clip, index, args.get("index_split"), args.get("index_split_field", "split")) \
-        if clip else None
-    settings = data_settings(meta, args.get("config"))
+    retriever = deps["Retriever"].bind(clip, index, a.index_split, a.index_split_field) if clip else None
+    settings = data_settings(meta, a.config)
     pre = deps["Preprocessor"].bind(meta["input_shape"], settings, max_bytes)
-    return deps["Api"].bind(pre, deps["Encoder"].bind(model, device, dtype), deps["Generator"].bind(model, device, dtype),
-                            retriever, upload_store(args, {"input_shape": list(meta["input_shape"]), **settings}),
+    return deps["Api"].bind(pre, deps["Encoder"].bind(model, a.device, a.dtype),
+                            deps["Generator"].bind(model, a.device, a.dtype), retriever,
+                            upload_store(a, {"input_shape": list(meta["input_shape"]), **settings}),
                             token, max_bytes, info)
 
 
-def upload_store(args: dict, preprocessing: dict) -> dict:
+def upload_store(a: AppSettings, preprocessing: dict) -> dict:
     """Where the ingress replicas keep uploads (`uploads`, else a private folder in the temp dir) and how many.
     Uploads go to a subfolder named by the preprocessing (input shape, HU window): apps that share a root (two apps
     on one machine, by default) neither resolve each other's ids to a volume their model was not given nor prune
@@ -167,9 +175,9 @@ def upload_store(args: dict, preprocessing: dict) -> dict:
 
     from med3dvlm import storage
 
-    base = args.get("uploads") or os.path.join(tempfile.gettempdir(), f"med3dvlm-uploads-{os.getuid()}")
+    base = a.uploads or os.path.join(tempfile.gettempdir(), f"med3dvlm-uploads-{os.getuid()}")
     key = hashlib.sha256(json.dumps(preprocessing, sort_keys=True).encode()).hexdigest()[:12]
-    return {"root": storage.join(storage.absolute(base), f"prep-{key}"), "max_stored": int(args.get("cache_size", 256))}
+    return {"root": storage.join(storage.absolute(base), f"prep-{key}"), "max_stored": a.cache_size}
 
 
 def cluster_resources() -> dict | None:
@@ -191,24 +199,24 @@ def min_replicas(d) -> int:
     return int(auto.min_replicas) if auto else int(d.num_replicas or 1)
 
 
-def place(deps: dict, args: dict, device: str, cluster: dict | None) -> dict:
+def place(deps: dict, a: AppSettings, cluster: dict | None) -> dict:
     """Each deployment with its CPUs (`replica_cpus`, else its own, scaled down to fit the cluster when the minimum
     replicas would not), its GPUs (Encoder and Generator on cuda; refused when the cluster has too few) and
     `replicas=N` (a fixed count for Encoder and Generator), `ingress_replicas=N` (for Api)."""
-    gpus = float(args.get("gpus_per_replica", 1)) if device.startswith("cuda") else 0
-    on_gpu, fixed = ("Encoder", "Generator"), args.get("replicas")
-    fixed = {**({k: fixed for k in on_gpu} if fixed else {}), **({"Api": args["ingress_replicas"]}
-                                                                  if args.get("ingress_replicas") else {})}
-    deps.update({k: deps[k].options(num_replicas=int(n), autoscaling_config=None) for k, n in fixed.items()})
-    delays = {k: float(args[k]) for k in AUTOSCALE_ARGS if args.get(k) is not None}
+    gpus = (a.gpus_per_replica or 1) if a.device.startswith("cuda") else 0
+    on_gpu = ("Encoder", "Generator")
+    fixed = {**({k: a.replicas for k in on_gpu} if a.replicas else {}),
+             **({"Api": a.ingress_replicas} if a.ingress_replicas else {})}
+    deps.update({k: deps[k].options(num_replicas=n, autoscaling_config=None) for k, n in fixed.items()})
+    delays = {k: getattr(a, k) for k in AUTOSCALE_ARGS if getattr(a, k) is not None}
     for k, d in deps.items():
         auto = d._deployment_config.autoscaling_config
         if delays and auto:
             deps[k] = d.options(autoscaling_config={**auto.model_dump(exclude_unset=True), **delays})
-    cpus = {k: float(args.get("replica_cpus") or d.ray_actor_options.get("num_cpus", 1)) for k, d in deps.items()}
+    cpus = {k: float(a.replica_cpus or d.ray_actor_options.get("num_cpus", 1)) for k, d in deps.items()}
     if cluster is not None:
         check_gpus({k: min_replicas(deps[k]) * gpus for k in on_gpu}, cluster.get("GPU", 0))
-        if args.get("replica_cpus") is None:
+        if a.replica_cpus is None:
             cpus = fit_cpus(cpus, {k: min_replicas(d) for k, d in deps.items()}, cluster.get("CPU", 0))
     return {k: d.options(ray_actor_options={**d.ray_actor_options, "num_cpus": cpus[k],
                                             **({"num_gpus": gpus} if gpus and k in on_gpu else {})})

@@ -189,3 +189,34 @@ def test_every_task_has_its_file_and_its_name():
 
     files = {f.stem for f in (LIB / "med3dvlm" / "eval" / "tasks").glob("*.py")} - {"__init__", "base"}
     assert {name.replace("-", "_") for name in TASKS} == files
+
+
+def test_one_settings_loader():
+    """Settings are read in one place (`med3dvlm/settings.py`: YAML, overrides, types, bounds, choices): no other file
+    parses YAML into settings, checks a number by hand or builds a parser flag by flag for a settings dataclass; the
+    training config, evaluation, the Serve app and the sweep each declare their settings as `setting` fields."""
+    import dataclasses
+
+    from med3dvlm.config import Config
+    from med3dvlm.eval.runner import EvalConfig
+    from med3dvlm.sweep import SweepConfig
+    from serve.app import AppArgs, build_app
+
+    home = LIB / "med3dvlm" / "settings.py"
+    offenders = []
+    for m, p in sources().items():
+        if p == home or under(m, "bench"):
+            continue
+        text = p.read_text()
+        for words in ("yaml.safe_load(", "number_ok(", "get_type_hints("):
+            if words in text:
+                offenders.append(f"{m}: {words}")
+    assert not offenders, offenders
+    for cls in (Config, EvalConfig, SweepConfig, AppArgs.model_fields["settings"].annotation):
+        assert all("help" in f.metadata for f in dataclasses.fields(cls) if f.init), cls
+    # Serve's typed application builder: the builder's argument is the model Serve validates
+    import inspect
+
+    assert inspect.signature(build_app).parameters["args"].annotation in (AppArgs, "AppArgs")
+    for entry in ("pipelines/evaluate.py", "tuning/siglip_sweep.py"):
+        assert ".add_argument(\"--" not in (ROOT / entry).read_text().split("add_flags(")[1], entry

@@ -65,12 +65,13 @@ def test_evaluation_settings_that_are_not_yaml_are_refused_on_one_line(tmp_path)
 
 
 @pytest.mark.parametrize("extra,words", [
-    (["--batch-size", "0"], "--batch-size 0: expects a whole number of at least 1"),
-    (["--replicas", "-1"], "--replicas -1"), (["--cpus-per-replica", "nan"], "--cpus-per-replica nan"),
-    (["--top-p", "1.5"], "at most 1"), (["--repetition-penalty", "inf"], "--repetition-penalty inf"),
-    (["--limit", "0"], "--limit 0"), (["--n", "100,-5"], "--n -5"), (["batch_size=abc"], "--batch-size 'abc'"),
-    (["limit=2.5"], "--limit 2.5: expects a whole number"), (["replicas=true"], "--replicas True"),
-    (["--max-new-tokens", "5000"], "at most 4096"),
+    (["--batch-size", "0"], "--batch-size is 0; it must be at least 1"),
+    (["--replicas", "-1"], "--replicas is -1"), (["--cpus-per-replica", "nan"], "--cpus-per-replica is nan"),
+    (["--top-p", "1.5"], "at most 1"), (["--repetition-penalty", "inf"], "--repetition-penalty is inf"),
+    (["--limit", "0"], "--limit is 0"), (["--n", "100,-5"], "--n is (100, -5)"),
+    (["batch_size=abc"], "--batch-size expects a whole number, got 'abc'"),
+    (["limit=2.5"], "--limit expects a whole number, got 2.5"), (["replicas=true"], "--replicas expects a whole number"),
+    (["--max-new-tokens", "5000"], "at most 4096"), (["limitt=3"], "unknown setting 'limitt'; did you mean 'limit'?"),
 ])
 def test_evaluation_numbers_out_of_range_or_of_the_wrong_type_are_refused(extra, words):
     from med3dvlm.runtime import UserError
@@ -160,17 +161,21 @@ def test_every_key_has_its_help_and_the_reference_is_current():
 
     from med3dvlm.config import fields_of
     from med3dvlm.eval.runner import EvalConfig
+    from med3dvlm.sweep import SweepConfig
     from pipelines.config_reference import reference_text
-    from serve.app import AppArgs
+    from serve.app import AppSettings
 
     assert all(f.metadata.get("help") for _, _, f in fields_of())
-    assert all(f.metadata.get("help") for cls in (EvalConfig, AppArgs) for f in dataclasses.fields(cls) if f.init)
+    assert all(f.metadata.get("help") for cls in (EvalConfig, AppSettings, SweepConfig)
+               for f in dataclasses.fields(cls) if f.init)
     reference = Path(__file__).resolve().parents[1] / "platform" / "config.md"
     assert reference.read_text() == reference_text(), "run: python -m pipelines.config_reference"
     text = reference.read_text()
     assert "`train.stage3.lr` | float | `5e-05` | `5e-05` | `0.001` | above 0 |" in text  # value per preset, bounds
     assert "| `max_new_tokens` | int | `256` | at least 1 and at most 4096 |" in text  # evaluation's
     assert "| `replicas` | int or None | `null` | at least 1 |" in text  # the Serve app's
+    assert "| `dtype` | str or None | `null` | float32, bfloat16, float16 |" in text  # choices beside their field
+    assert "| `search` | str | `\"random\"` | random, grid, optuna |" in text  # the sweep's
 
 
 def test_the_bounds_sit_beside_their_fields_and_are_checked():

@@ -50,11 +50,14 @@ def post(base, path, files=None, data=None, headers=None, timeout=120):
 
 
 @pytest.mark.parametrize("bad,words", [
-    ({"modle": "x"}, "unknown argument(s) modle"), ({"replicas": "two"}, "replicas='two': expects a whole number"),
-    ({"replicas": "0"}, "replicas='0'"), ({"max_upload_mb": "inf"}, "max_upload_mb='inf'"),
-    ({"cache_size": "-5"}, "cache_size='-5'"), ({"replica_cpus": "nan"}, "replica_cpus='nan'"),
-    ({"upscale_delay_s": "soon"}, "upscale_delay_s='soon'"), ({"device": "gpu"}, "device='gpu': cpu or cuda"),
-    ({"dtype": "fp8"}, "dtype='fp8'"),
+    ({"modle": "x"}, "unknown argument 'modle'; did you mean 'model'?"),
+    ({"replicas": "two"}, "argument 'replicas' expects a whole number, got 'two'"),
+    ({"replicas": "0"}, "argument 'replicas' is 0; it must be at least 1"),
+    ({"max_upload_mb": "inf"}, "argument 'max_upload_mb' is inf"), ({"cache_size": "-5"}, "argument 'cache_size' is -5"),
+    ({"replica_cpus": "nan"}, "argument 'replica_cpus' is nan"),
+    ({"upscale_delay_s": "soon"}, "argument 'upscale_delay_s' expects a number, got 'soon'"),
+    ({"device": "gpu"}, "argument 'device' is 'gpu'; it must be cpu or cuda"),
+    ({"dtype": "fp8"}, "argument 'dtype' is 'fp8'; it must be one of float32, bfloat16, float16"),
 ])
 def test_bad_app_arguments_are_refused_naming_the_argument(bad, words):
     """Before any export is read or replica placed (the model path here does not exist)."""

@@ -1,4 +1,5 @@
-"""One config system: typed dataclasses, named presets, YAML files and `key=value` overrides.
+"""The training config: typed dataclasses (`settings.setting` fields), named presets, YAML files and `key=value`
+overrides, loaded by the one settings loader (`settings.load_settings`).
 
     cfg = load_config("tiny", ["model.encoder=nano", "train.stage1.lr=3e-4"])
 
@@ -12,24 +13,14 @@ import copy
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-
-def setting(default, help: str, least=None, most=None, above: bool = False):
-    """A config field with its one line of help and its bounds beside it (`least`/`most`, None: unbounded; `above`:
-    the value must exceed `least`). The bounds are checked when a config is loaded (`check_bounds`) and, with the
-    help, make the configuration reference (`config_reference`)."""
-    meta = {"help": help, "bounds": (least, most, above) if least is not None or most is not None else None}
-    if dataclasses.is_dataclass(default) or isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-POSITIVE = {"least": 0, "above": True}
+from med3dvlm import settings
+from med3dvlm.settings import (POSITIVE, bounds_text, load_settings, parse_overrides, read_settings_file, setting,
+                               type_name)
 
 
 @dataclass
@@ -229,115 +220,9 @@ PRESETS = {"paper": paper, "m3d": m3d, "tiny": tiny}
 # ---------------------------------------------------------------- loading
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"config key '{key}' expects a mapping, got {value!r}")
-        return _from_dict(tp, value, key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key '{key}' expects a list, got {value!r}")
-        args = get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, key) for v in value)
-        if len(value) != len(args):
-            raise ValueError(f"config key '{key}' expects {len(args)} values, got {len(value)}")
-        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
-    if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if not isinstance(value, bool):
-            raise ValueError(f"config key '{key}' expects true/false, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"config key '{key}' expects a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ValueError(f"config key '{key}' expects an integer, got {value!r}")
-        return int(value)
-    if tp is str:
-        if isinstance(value, bool):  # YAML 1.1 reads on/off (and yes/no) as booleans; text settings spell them on/off
-            return "on" if value else "off"
-        return str(value)
-    return value
-
-
-def _suggest(cls, k: str, prefix: str) -> str:
-    """'; did you mean ...' from the keys at this level and, for a misplaced key, anywhere in the config."""
-    import difflib
-
-    here = [f"{prefix}.{n}" if prefix else n for n in get_type_hints(cls)]
-    anywhere = [key for key, tp, _ in fields_of() if not dataclasses.is_dataclass(tp) and key.rsplit(".", 1)[-1] == k]
-    close = anywhere or difflib.get_close_matches(f"{prefix}.{k}" if prefix else k, here, n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-
-
-def _from_dict(cls, data: dict, prefix: str = "", base=None):
-    obj = copy.deepcopy(base) if base is not None else cls()
-    hints = get_type_hints(cls)
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if k not in hints:
-            raise ValueError(f"unknown config key '{key}'{_suggest(cls, k, prefix)}")
-        cur = getattr(obj, k)
-        if dataclasses.is_dataclass(cur) and isinstance(v, dict):
-            setattr(obj, k, _from_dict(type(cur), v, key, base=cur))
-        else:
-            setattr(obj, k, _coerce(hints[k], v, key))
-    return obj
-
-
-def yaml_error_line(e: Exception) -> str:
-    """A YAML error's text on one line (PyYAML's spans several, with a caret under the column)."""
-    return " ".join(str(e).replace("^", "").split())
-
-
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply `a.b.c=value` strings; values are parsed as YAML (numbers, booleans, lists)."""
-    return _from_dict(Config, parse_overrides(overrides), base=cfg)
-
-
-def parse_overrides(overrides: list[str], empty="") -> dict:
-    """`a.b.c=value` strings as one nested mapping, each value parsed as YAML (`key=` gives `empty`); ValueError naming
-    a bad one. The one override parser of the training config and the evaluation settings."""
-    nested: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override '{item}' is not of the form key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw else empty
-        except yaml.YAMLError as e:
-            raise ValueError(f"override '{item}': the value is not valid YAML ({yaml_error_line(e)})") from None
-        node = nested
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            child = node.setdefault(p, {})
-            if not isinstance(child, dict):
-                raise ValueError(f"override '{item}' sets a key inside '{p}', which another override sets to {child!r}")
-            node = child
-        node[parts[-1]] = value
-    return nested
-
-
-def number_ok(value, least=None, most=None, whole: bool = False, above: bool = False) -> bool:
-    """A setting's number: a real int/float (never a bool; an int when `whole`), finite, at least `least` (above it
-    when `above`) and at most `most` (None: no bound). Config keys, evaluation settings and the Serve app's arguments
-    are all checked by this one rule."""
-    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or not math.isfinite(value):
-        return False
-    low = least is not None and (value <= least if above else value < least)
-    return not low and (most is None or value <= most)
-
-
-def bounds_text(least=None, most=None, above: bool = False) -> str:
-    """"at least 1 and at most 3", "above 0", ...: what `number_ok` asks, in words ("" when unbounded)."""
-    parts = ([f"{'above' if above else 'at least'} {least:g}"] if least is not None else []) + \
-        ([f"at most {most:g}"] if most is not None else [])
-    return " and ".join(parts)
+    return load_settings(Config, parse_overrides(overrides), base=cfg)
 
 
 def bounds(cls=None) -> dict[str, tuple]:
@@ -345,38 +230,9 @@ def bounds(cls=None) -> dict[str, tuple]:
     return {key: f.metadata["bounds"] for key, _, f in fields_of(cls) if f.metadata.get("bounds")}
 
 
-def number_rules(cls) -> dict[str, tuple]:
-    """Field -> (int or float, least, most) of every number field of a flat settings dataclass (an optional number,
-    `int | None`, included: None means "not set"), from its `setting` bounds."""
-    import types
-    import typing
-
-    out = {}
-    for name, tp in get_type_hints(cls).items():
-        if get_origin(tp) not in (None, typing.Union, types.UnionType):
-            continue  # a tuple or list of numbers is checked by its own rule
-        kind = next((t for t in (get_args(tp) or (tp,)) if t in (int, float)), None)
-        f = cls.__dataclass_fields__[name]
-        if kind is not None and tp is not bool:
-            least, most, _ = f.metadata.get("bounds") or (None, None, False)
-            out[name] = (kind, least, most)
-    return out
-
-
 def fields_of(cls=None, prefix: str = ""):
-    """(dotted key, type, field) of every setting, depth first; a nested config comes before its own fields."""
-    cls = cls or Config
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        yield key, hints[f.name], f
-        if dataclasses.is_dataclass(hints[f.name]):
-            yield from fields_of(hints[f.name], key)
-
-
-def _type_name(tp) -> str:
-    name = getattr(tp, "__name__", None) if get_origin(tp) is None else str(tp).replace("typing.", "")
-    return name.replace(" | ", " or ")  # a table cell holds no |
+    """(dotted key, type, field) of every config key (`settings.fields_of` of `Config` by default)."""
+    return settings.fields_of(cls or Config, prefix)
 
 
 def config_reference() -> str:
@@ -400,37 +256,9 @@ def config_reference() -> str:
                 v = getattr(v, part)
             values.append(f"`{json.dumps(v)}`")
         b = f.metadata.get("bounds")
-        lines.append(f"| `{key}` | {_type_name(tp)} | " + " | ".join(values) + " | "
+        lines.append(f"| `{key}` | {type_name(tp)} | " + " | ".join(values) + " | "
                      + (bounds_text(*b) if b else "") + f" | {f.metadata['help']} |")
     return "\n".join(lines) + "\n"
-
-
-def settings_reference(title: str, cls, how: str) -> str:
-    """A flat settings dataclass (evaluation's, the Serve app's) as a reference table: name, type, default, bounds,
-    help."""
-    lines = [f"## {title}", "", how, "", "| setting | type | default | bounds | what it sets |", "|---|---|---|---|---|"]
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        default = "required" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
-            else f"`{json.dumps(f.default if f.default is not dataclasses.MISSING else f.default_factory())}`"
-        b = f.metadata.get("bounds")
-        lines.append(f"| `{f.name}` | {_type_name(hints[f.name])} | {default} | {bounds_text(*b) if b else ''} | "
-                     f"{f.metadata.get('help', '')} |")
-    return "\n".join(lines) + "\n"
-
-
-def check_bounds(cfg: Config) -> Config:
-    """Every number within its field's bounds (each of a tuple's), else ValueError naming the key."""
-    for key, (least, most, above) in bounds(type(cfg)).items():
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        if not all(number_ok(v, least, most, above=above) for v in
-                   (value if isinstance(value, (tuple, list)) else (value,))):
-            raise ValueError(f"config key '{key}' is {value!r}; it must be {bounds_text(least, most, above)}")
-    return cfg
 
 
 def load_config(name_or_path: str | Config = "tiny", overrides: list[str] | None = None) -> Config:
@@ -443,17 +271,12 @@ def load_config(name_or_path: str | Config = "tiny", overrides: list[str] | None
         path = Path(name_or_path)
         if not path.is_file():
             raise ValueError(f"config '{name_or_path}' is neither a preset ({', '.join(PRESETS)}) nor a file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {path}: not valid YAML: {yaml_error_line(e)}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path}: expected a mapping at the top level")
+        data = read_settings_file(str(path))
         base = data.pop("base", "paper")
         if not isinstance(base, str) or base not in PRESETS:
             raise ValueError(f"config file {path}: unknown base preset '{base}'")
-        cfg = _from_dict(Config, data, base=PRESETS[base]())
-    return check_bounds(apply_overrides(cfg, overrides or []))
+        cfg = load_settings(Config, data, base=PRESETS[base]())
+    return apply_overrides(cfg, overrides or [])
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -461,4 +284,4 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def config_from_dict(data: dict) -> Config:
-    return _from_dict(Config, data)
+    return load_settings(Config, data)

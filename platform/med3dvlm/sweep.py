@@ -1,5 +1,5 @@
-"""Ray Tune sweep of the SigLIP temperature and bias initialisation (and whether each is learned) for stage 1: the
-library side of `tuning.siglip_sweep` (which parses the command line).
+"""Ray Tune sweep of the SigLIP temperature and bias initialisation (and whether each is learned) for stage 1: its
+settings (`SweepConfig`) and the sweep itself, the library side of `tuning.siglip_sweep` (a thin command line).
 
 Each trial is a Tune function trainable that runs `med3dvlm.train.driver.train(stage=1)` (the same TorchTrainer,
 DeepSpeed and Ray Data path as `pipelines.train --stage 1`) on a fixed step budget, reporting validation loss and
@@ -16,10 +16,12 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from med3dvlm import storage
 from med3dvlm.runtime import UserError, init_ray, user_config
+from med3dvlm.settings import FLAGS, load_settings, required, setting
 
 SWEEP_NAME = "siglip-sweep"
 
@@ -34,17 +36,45 @@ def parse_range(text: str, what: str) -> tuple[float, float]:
     return lo, hi
 
 
-def check_args(a):
-    """The command line's sweep settings checked (ranges parsed into `t_range`, `b_range`); UserError naming the flag."""
-    a.t_range, a.b_range = parse_range(a.t_init, "t-init"), parse_range(a.b_init, "b-init")
-    if a.trials < 1 or a.steps < 1 or a.eval_every < 1:
-        raise UserError("--trials, --steps and --eval-every must be positive")
-    if a.eval_every > a.steps:
-        raise UserError(f"--eval-every {a.eval_every} > --steps {a.steps}: no trial would report a validation figure")
-    if a.max_steps_total and a.trials * a.steps > a.max_steps_total:
-        raise UserError(f"{a.trials} trials x {a.steps} steps = {a.trials * a.steps} exceeds --max-steps-total "
-                        f"{a.max_steps_total}")
-    return a
+@dataclass
+class SweepConfig:
+    """One sweep, each setting with its help and bounds or choices beside it (`settings.setting`), loaded by the one
+    settings loader from the command line's flags (`tuning.siglip_sweep`)."""
+
+    shards: str = required("preprocessed shards (path or URI) with a validation split")
+    config: str = setting("tiny", "preset (tiny, m3d, paper) or a YAML file: each trial's base")
+    out: str = setting("out/sweep", "where trials, best.yaml and the plots go (path or URI)")
+    trials: int = setting(8, "number of trials", 1)
+    search: str = setting("random", "search algorithm", choices=("random", "grid", "optuna"))
+    t_init: str = setting(f"0,{math.log(100):.4f}", "range LO,HI of t' = log t")
+    b_init: str = setting("-15,0", "range LO,HI of the bias b")
+    learn_t: str = setting("both", "t learned, fixed or both", choices=("both", "true", "false"))
+    learn_b: str = setting("both", "b learned, fixed or both", choices=("both", "true", "false"))
+    steps: int = setting(60, "training steps per trial", 1)
+    eval_every: int = setting(10, "steps between validation reports (ASHA's rungs)", 1)
+    subset: int = setting(0, "train each trial on the first N training volumes (0: all)", 0)
+    metric: str = setting("val_R@1", "what ASHA and the best trial go by", choices=("val_R@1", "val_loss"))
+    grace: int = setting(1, "ASHA grace period, in validation reports", 1)
+    max_steps_total: int = setting(0, "refuse sweeps over this many steps in all (0: no cap)", 0)
+    resume: bool = setting(False, "restore an interrupted sweep in out; finished trials stay")
+    overrides: tuple[str, ...] = setting((), "key=value training config overrides for every trial")
+
+    def __post_init__(self):
+        self.t_range, self.b_range = parse_range(self.t_init, "t-init"), parse_range(self.b_init, "b-init")
+        if self.eval_every > self.steps:
+            raise UserError(f"--eval-every {self.eval_every} > --steps {self.steps}: no trial would report a "
+                            f"validation figure")
+        if self.max_steps_total and self.trials * self.steps > self.max_steps_total:
+            raise UserError(f"{self.trials} trials x {self.steps} steps = {self.trials * self.steps} exceeds "
+                            f"--max-steps-total {self.max_steps_total}")
+
+
+def sweep_config(given: dict) -> SweepConfig:
+    """The command line's flags (those given) and trailing overrides as a SweepConfig; UserError naming the setting."""
+    try:
+        return load_settings(SweepConfig, given, FLAGS)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _bools(choice: str) -> list[bool]:
@@ -122,12 +152,12 @@ def check_shards(cfg, shards: str) -> None:
                         f"'{cfg.train.split_field}': the sweep needs a validation split to score trials")
 
 
-def sweep(a, log=print) -> dict:
+def sweep(a: SweepConfig, log=print) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     started = time.time()
-    cfg = user_config(a.config, a.overrides)
+    cfg = user_config(a.config, list(a.overrides))
     check_shards(cfg, a.shards)
     out = storage.absolute(a.out)
     init_ray()

@@ -5,73 +5,67 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from med3dvlm import lineage, storage
-from med3dvlm.config import bounds_text, number_ok, number_rules, parse_overrides, setting, yaml_error_line
 from med3dvlm.eval.results import markdown
-from med3dvlm.eval.tasks import get_task
+from med3dvlm.eval.tasks import TASKS, get_task
 from med3dvlm.models.export import ExportError, check_tensors, read_meta
 from med3dvlm.runtime import UserError, init_ray, write_run_json
+from med3dvlm.settings import (FLAGS, check_settings, load_settings, merge, parse_overrides, read_settings_file,
+                               required, setting)
 
 RETRIEVAL_N = (100, 500, 1000, 2000)
-
-
-def check_number(name: str, value, kind: type, least, most) -> None:
-    """A setting's value (`config.number_ok`); None for the settings where it means "not set"."""
-    if value is None and name in ("limit", "top_p"):
-        return
-    if not number_ok(value, least, most, whole=kind is int):
-        bounds = bounds_text(least, most)
-        raise UserError(f"--{name.replace('_', '-')} {value!r}: expects {'a whole number' if kind is int else 'a number'}"
-                        + (f" of {bounds}" if bounds else ""))
 
 
 @dataclass
 class EvalConfig:
     """One evaluation: the task, the model export and the shards (paths or URIs), and how to run it. Each field has
-    its line of help and its bounds beside it (`config.setting`), as the training config's do."""
+    its line of help and its bounds or choices beside it (`settings.setting`), as the training config's do."""
 
-    task: str = field(metadata={"help": "retrieval, report, vqa-closed or vqa-open (eval/tasks/)"})
-    model: str = field(metadata={"help": "the export it scores: stage 1 for retrieval, 2/3 otherwise (path or URI)"})
-    shards: str = field(metadata={"help": "preprocessed shards (path or URI)"})
+    task: str = required("what it scores (eval/tasks/)", choices=TASKS)
+    model: str = required("the export it scores: stage 1 for retrieval, 2/3 otherwise (path or URI)")
+    shards: str = required("preprocessed shards (path or URI)")
     out: str | None = setting(None, "where results go; default <model>/eval-<task>")
     split: str = setting("test", "a split name, or several comma-separated")
-    split_field: str = setting("split", "split (official M3D, comparable with the paper) or case_split (leak-free)")
-    limit: int | None = setting(None, "only the first N volumes (None: all)", 1)
-    n: tuple[int, ...] = setting(RETRIEVAL_N, "retrieval: recall on the first N pairs for each N")
+    split_field: str = setting("split", "split (official M3D, comparable with the paper) or case_split (leak-free)",
+                               choices=("split", "case_split"))
+    limit: int | None = setting(None, "only the first N volumes (None: all; reports: the paper uses 1000)", 1)
+    n: tuple[int, ...] = setting(RETRIEVAL_N, "retrieval: recall on the first N pairs for each N", 1)
     batch_size: int = setting(8, "volumes per batch to a replica", 1)
     gen_batch: int = setting(16, "prompts generated together", 1)
     replicas: int = setting(1, "predictor replicas (a Ray Data actor pool)", 1)
-    cpus_per_replica: float = setting(1, "CPUs per replica", 0.001)
+    cpus_per_replica: float = setting(1, "CPUs (and torch threads) per replica", 0.001)
     gpus_per_replica: float = setting(0, "GPUs per replica (> 0: on CUDA)", 0)
-    dtype: str | None = setting(None, "weights' dtype on the replicas: float32 (None), bfloat16, float16")
+    dtype: str | None = setting(None, "weights' dtype on the replicas (None: as exported)",
+                                choices=("float32", "bfloat16", "float16"))
     max_new_tokens: int = setting(256, "tokens generated at most", 1, 4096)
     sample: bool = setting(False, "sample instead of greedy decoding (the paper sampled)")
-    temperature: float = setting(1.0, "sampling temperature", 0)
-    top_p: float | None = setting(None, "nucleus sampling's p (None: off)", 1e-6, 1)
+    temperature: float = setting(1.0, "sampling temperature (with sample)", 0)
+    top_p: float | None = setting(None, "nucleus sampling's p (with sample; None: off)", 1e-6, 1)
     seed: int = setting(42, "seed of the prompts and of sampling")
     repetition_penalty: float = setting(1.0, "> 1 discourages repeats (the reference decodes without one, 1.0)", 1e-6)
     no_repeat_ngram_size: int = setting(0, "n-gram blocking (0: off, as the reference)", 0)
     shuffle_images: bool = setting(False, "the shuffled-image control: each sample paired with another's volume")
     baseline_split: str = setting("train", "reports: the most common report of this split is the blind baseline")
-    bertscore_model: str | None = setting(None, "a local BERTScore model directory (roberta-large: the benchmark's)")
+    bertscore_model: str | None = setting(None, "a local BERTScore model directory (roberta-large: the benchmark's; "
+                                                "None: the packaged MiniLM, labelled as not comparable)")
     bertscore: bool = setting(True, "BERTScore for reports and open VQA")
-    resume: bool = setting(False, "keep the samples already scored in samples.csv")
+    resume: bool = setting(False, "keep the samples already scored in samples.csv and skip them")
     allow_overlap: bool = setting(False, "score cases the model (or a parent export) trained on, with a warning")
     splits: list[str] = field(init=False)
 
     def __post_init__(self):
-        get_task(self.task)  # a name without a task file is refused naming the choices
-        for name, (kind, least, most) in number_rules(EvalConfig).items():
-            check_number(name, getattr(self, name), kind, least, most)
+        try:
+            check_settings(self, FLAGS)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if self.sample and not (0 < self.temperature <= 5):
-            raise UserError(f"--temperature {self.temperature}: must be in (0, 5]")
-        for k in self.n:
-            check_number("n", k, int, 1, None)
+            raise UserError(f"--temperature {self.temperature}: must be in (0, 5] with --sample")
         self.splits = [s.strip() for s in self.split.split(",") if s.strip()]
         self.n = tuple(sorted(set(self.n)))
 
@@ -80,51 +74,27 @@ class EvalConfig:
         return "cuda" if self.gpus_per_replica > 0 else "cpu"
 
 
-def eval_settings(config: str | None, overrides: list[str], flags: dict, default) -> dict:
-    """An evaluation's settings: a YAML file, then `key=value` overrides, then the flags given (a flag left at its
-    default does not undo the file). Unknown keys are refused with the nearest known one."""
-    import difflib
-
-    import yaml
-
-    settings: dict = {}
-    if config:
-        try:
-            settings = yaml.safe_load(storage.read_text(config)) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"--config {config}: cannot read ({yaml_error_line(e)})") from None
-        if not isinstance(settings, dict):
-            raise UserError(f"--config {config}: expected a mapping of settings")
-    try:
-        settings.update(parse_overrides(overrides, empty=None))  # the training config's parser and messages
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    for k in settings:
-        if k not in flags:
-            near = difflib.get_close_matches(k, list(flags), n=1)
-            raise UserError(f"unknown evaluation setting {k!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
-    return {**flags, **settings, **{k: v for k, v in flags.items() if v != default(k)}}
-
-
-def eval_config(flags: dict, default) -> EvalConfig:
-    """The command line's EvalConfig: `eval_settings`, `--print-config` (print, exit 0), the required three."""
+def eval_config(given: dict) -> EvalConfig:
+    """The command line's EvalConfig: the `--config` YAML file, then `key=value` overrides, then the flags given, by
+    the one settings loader; `--print-config` prints the result and exits 0. UserError naming the setting."""
     import sys
 
-    a = eval_settings(flags.pop("config"), flags.pop("overrides"), flags, default)
-    if a.pop("print_config"):
-        import yaml
-
-        print(yaml.safe_dump(a, sort_keys=False), end="")
-        sys.exit(0)
-    for k in ("task", "model", "shards"):
-        if not a.get(k):
-            raise UserError(f"--{k} is required (or {k}: in --config, or {k}=... as an override)")
+    config, print_config = given.pop("config", None), given.pop("print_config", False)
     try:
-        a["n"] = tuple(int(x) for x in str(a["n"]).split(",") if x.strip())
-    except ValueError:
-        raise UserError(f"--n {a['n']}: expected comma-separated integers such as 100,500,1000,2000") from None
-    a["bertscore"] = not a.pop("no_bertscore")
-    return EvalConfig(**a)
+        from_file = read_settings_file(config, storage.read_text) if config else {}
+    except ValueError as e:
+        raise UserError(f"--config {e}") from None
+    try:
+        data = merge(from_file, parse_overrides(given.pop("overrides", []), empty=None), given)
+        if print_config:
+            import yaml
+
+            defaults = {f.name: getattr(EvalConfig, f.name, None) for f in dataclasses.fields(EvalConfig) if f.init}
+            print(yaml.safe_dump(json.loads(json.dumps({**defaults, **data})), sort_keys=False), end="")
+            sys.exit(0)
+        return load_settings(EvalConfig, data, FLAGS)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def check_inputs(ec: EvalConfig) -> tuple[int, dict]:
