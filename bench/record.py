@@ -46,3 +46,15 @@ def write_markdown(topic: str, title: str, body: str, out: Path | None = None) -
     f.write_text(f"# {title}\n\n- date: {p['date']}\n- machine: {p['machine']}\n- commit: {p['commit']}\n"
                  f"- command: `{p['command']}`\n\n{body.strip()}\n")
     return f
+
+
+def write_results(topic: str, title: str, lines: list[str], data: dict, out: Path | None = None) -> Path:
+    """A script's figures twice, both with its provenance: `<topic>.json` (the data) and `<topic>.md` (the text and
+    tables it printed). `out`: the JSON's path (the markdown goes beside it)."""
+    import json
+
+    f = Path(out) if out else RESULTS / f"{topic}.json"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps({**provenance(), **data}, indent=1, default=str))
+    write_markdown(topic, title, "\n".join(lines), f.with_suffix(".md"))
+    return f

@@ -1,5 +1,11 @@
 """Peak memory of a serving replica for a paper-shaped export: each replica loads only its part.
 
+The default measures real Ray Serve replicas: the app (`serve.app.build_app`, one Encoder and one Generator
+replica) and beside it one replica that loads the whole VLM (`Whole`, defined here), each sent one request (encode a
+volume; generate 16 tokens), then each replica's worker process found through Ray's state API and its peak and
+current RSS read from /proc (VmHWM, VmRSS); each replica also counts the parameters it holds by part. Written to
+bench/results/replica_memory.md. `--processes` measures plain processes that load the parts instead (the rows below).
+
 The export: DCFormer-small + projector at the paper's 128x256x256 input, and a stand-in for Qwen2.5-7B: a Qwen2 LLM
 with Qwen2.5-0.5B's shapes (24 layers, width 896, 14 heads, 2 KV heads, MLP 4864), random weights, the packaged
 MiniLM vocabulary (30,523 + the image token), saved with `save_pretrained`. Each row is a fresh process that does
@@ -24,6 +30,7 @@ from record import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
+sys.path.insert(0, str(ROOT))  # serve.app
 GiB = 1 << 30
 
 
@@ -124,10 +131,112 @@ ROWS = [("Encoder", "vision", "float32", "now", 1.0), ("Encoder", "vision", "flo
         ("Generator", "llm", "float32", "before", 1.5)]
 
 
+def proc_status(pid: int) -> dict:
+    with open(f"/proc/{pid}/status") as f:
+        return {k: int(v.split()[0]) * 1024 / GiB for k, v in (line.split(":", 1) for line in f)
+                if k in ("VmHWM", "VmRSS")}
+
+
+def serve_rows(export: Path, threads: int) -> list[dict]:
+    """One request to each real replica, then each replica's worker process measured (found by Ray's state API)."""
+    import numpy as np
+    from ray import serve
+    from ray.util.state import list_actors
+
+    from med3dvlm.runtime import init_ray
+    from serve.app import build_app
+    from serve.deployments import held
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.5})
+    class Whole:
+        """The whole VLM in one replica (what the app's split into Encoder and Generator avoids)."""
+
+        def __init__(self, path: str):
+            import torch
+
+            from med3dvlm.models.vlm import VLM
+
+            torch.set_num_threads(threads)
+            self.vlm = VLM.from_pretrained(path).eval()
+
+        def ask(self, volume):
+            import torch
+
+            from med3dvlm.data.transform import to_float
+
+            with torch.no_grad():
+                feats = self.vlm.encode_images(to_float(torch.from_numpy(volume[None])).unsqueeze(1))
+                return self.vlm.generate_from_features(feats, [PROMPT], 16)
+
+        def held(self):
+            return held(self.vlm)
+
+    import socket
+
+    init_ray()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": str(export), "replicas": 1, "ingress_replicas": 1, "replica_cpus": 0.5}),
+              name="mem", route_prefix="/mem")
+    serve.run(Whole.bind(str(export)), name="whole", route_prefix="/whole")
+    vol = np.random.default_rng(0).integers(0, 256, (128, 256, 256), dtype=np.uint8)
+    enc, gen = (serve.get_deployment_handle(d, app_name="mem") for d in ("Encoder", "Generator"))
+    tokens = enc.encode.remote(vol).result(timeout_s=600)
+    gen.generate.remote({"tokens": tokens, "prompt": PROMPT, "max_new_tokens": 16, "temperature": 0.0,
+                         "top_p": None}).result(timeout_s=600)
+    whole = serve.get_deployment_handle("Whole", app_name="whole")
+    whole.ask.remote(vol).result(timeout_s=600)
+    holds = {"Encoder": enc.held.remote().result(), "Generator": gen.held.remote().result(),
+             "Whole": whole.held.remote().result()}
+    actors = {a.class_name.rsplit(":", 1)[-1]: a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+              if a.class_name.startswith("ServeReplica:")}
+    rows = []
+    for name, h in holds.items():
+        assert actors[name] == h["pid"], (name, actors[name], h["pid"])  # the state API's process is the replica's
+        weights = sum(h["parameters"].values()) * 4 / GiB  # float32
+        st = proc_status(h["pid"])
+        rows.append({"replica": name, "pid": h["pid"], "parameters": h["parameters"], "weights_gib": weights,
+                     "peak_rss_gib": st["VmHWM"], "rss_gib": st["VmRSS"], "over_weights_gib": st["VmHWM"] - weights})
+    serve.shutdown()
+    return rows
+
+
+PROMPT = "Describe the findings of this CT scan."
+
+
+def serve_main(export: Path, threads: int) -> None:
+    from record import write_markdown
+
+    rows = serve_rows(export, threads)
+    lines = ["Real Ray Serve replicas, float32, one request each (encode one 128x256x256 volume; generate 16 tokens); "
+             "each replica's worker process found through Ray's state API (`ray.util.state.list_actors`), its memory "
+             "read from /proc. The export: DCFormer-small + projector at 128x256x256 and a Qwen2 LLM with "
+             "Qwen2.5-0.5B's shapes (random weights; a stand-in for Qwen2.5-7B, whose weights would add 28 GiB in "
+             "float32 to the Generator and the whole-VLM replica alike).", "",
+             "| replica | parameters it holds, by part | weights (GiB) | peak RSS (GiB) | RSS after (GiB) | peak over "
+             "weights (GiB) |", "|---|---|--:|--:|--:|--:|"]
+    for r in rows:
+        parts = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in sorted(r["parameters"].items()))
+        lines.append(f"| {r['replica']} | {parts} | {r['weights_gib']:.2f} | {r['peak_rss_gib']:.2f} | "
+                     f"{r['rss_gib']:.2f} | {r['over_weights_gib']:.2f} |")
+    by = {r["replica"]: r for r in rows}
+    split = by["Encoder"]["peak_rss_gib"] + by["Generator"]["peak_rss_gib"]
+    lines += ["", f"The Encoder holds no LLM parameter and the Generator no DCFormer or projector parameter. An "
+              f"Encoder replica peaks at {by['Encoder']['peak_rss_gib']:.2f} GiB against the whole VLM's "
+              f"{by['Whole']['peak_rss_gib']:.2f} GiB: scaling encoders out costs "
+              f"{by['Encoder']['peak_rss_gib'] / by['Whole']['peak_rss_gib']:.0%} of the memory a whole-VLM replica "
+              f"would (Encoder + Generator together: {split:.2f} GiB)."]
+    print("\n".join(lines))
+    print(f"-> {write_markdown('replica_memory', 'Serving replicas: memory of each', chr(10).join(lines))}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/replica-mem")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--processes", action="store_true", help="plain processes that load the parts (the older rows)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -139,6 +248,8 @@ def main():
     export = build_export(work)
     print(f"export {export}: {(export / 'model.safetensors').stat().st_size / GiB:.2f} GiB of tensors "
           f"(built in {time.perf_counter() - t:.0f} s)")
+    if not a.processes:
+        return serve_main(export, a.threads)
     rows = []
     for name, part, dtype, how, allowance in ROWS:
         out = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--child", str(export), part,

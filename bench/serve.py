@@ -11,7 +11,6 @@ the stepped load holds each of --steps client counts for --step-s seconds.
 
 import argparse
 import concurrent.futures as cf
-import json
 import socket
 import statistics
 import sys
@@ -22,7 +21,7 @@ import requests
 import os
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from record import provenance  # noqa: E402
+from record import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
@@ -171,26 +170,29 @@ def autoscaled(base: str, a, app_args: dict) -> dict:
     return res
 
 
-def print_tables(a, enc_ms: float, rows: list[dict], auto: dict) -> None:
-    print(f"\nServing, tiny config, {a.clients} concurrent clients x {a.requests} requests, report "
-          f"max_new_tokens={a.new_tokens}; encoder bare forward (batch 1, 1 thread): {enc_ms:.1f} ms")
-    print("| endpoint | Encoder+Generator replicas | p50 ms | p95 ms | req/s | vs 1 replica | non-200 |")
-    print("|---|--:|--:|--:|--:|--:|--:|")
+def tables(a, enc_ms: float, rows: list[dict], auto: dict) -> list[str]:
+    out = [f"Serving, tiny config (the demo's models), {a.clients} concurrent clients x {a.requests} requests, report "
+           f"max_new_tokens={a.new_tokens}; the encoder's bare forward (batch 1, 1 thread): {enc_ms:.1f} ms. CPU, "
+           f"tiny-config figures.", "",
+           "| endpoint | Encoder+Generator replicas | p50 ms | p95 ms | req/s | vs 1 replica | non-200 |",
+           "|---|--:|--:|--:|--:|--:|--:|"]
     for r in (r for r in rows if "req_per_s" in r):
         base_r = next(x for x in rows if x["endpoint"] == r["endpoint"] and x["replicas"] == 1)
-        print(f"| {r['endpoint']} | {r['replicas']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['req_per_s']:.2f} | "
-              f"{r['req_per_s'] / base_r['req_per_s']:.2f}x | {r['non_200']} |")
-    print("\n| streamed report | replicas | first token p50 ms | p95 ms | whole answer p50 ms | non-200 |\n|---|--:|--:|--:|--:|--:|")
-    for r in (r for r in rows if "ttft_p50_ms" in r):
-        print(f"| {a.new_tokens} new tokens | {r['replicas']} | {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | "
-              f"{r['whole_p50_ms']:.0f} | {r['non_200']} |")
+        out.append(f"| {r['endpoint']} | {r['replicas']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
+                   f"{r['req_per_s']:.2f} | {r['req_per_s'] / base_r['req_per_s']:.2f}x | {r['non_200']} |")
+    out += ["", "| streamed report | replicas | first token p50 ms | p95 ms | whole answer p50 ms | non-200 |",
+            "|---|--:|--:|--:|--:|--:|"]
+    out += [f"| {a.new_tokens} new tokens | {r['replicas']} | {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | "
+            f"{r['whole_p50_ms']:.0f} | {r['non_200']} |" for r in rows if "ttft_p50_ms" in r]
     one = next(r for r in rows if r["endpoint"] == "/v1/report" and r["replicas"] == 1)["req_per_s"]
-    print(f"\nAutoscaled (upscale 2 s, downscale 10 s), /v1/report, {a.step_s:g} s per step; vs 1 fixed replica at "
-          f"{a.clients} clients ({one:.2f} req/s)")
-    print("| clients | req/s | Generator replicas (max) | vs 1 fixed replica |\n|--:|--:|--:|--:|")
-    for n, st in auto["per_step"].items():
-        print(f"| {n} | {st['req_per_s']:.2f} | {st['max_generator_replicas']} | {st['req_per_s'] / one:.2f}x |")
-    print(f"back to 1 Generator replica {auto['back_to_1_after_s']} s after the load stopped; non-200: {auto['non_200']}")
+    out += ["", f"Autoscaled (upscale 2 s, downscale 10 s), /v1/report, {a.step_s:g} s per step; the ratio's baseline: "
+            f"1 fixed replica at {a.clients} clients ({one:.2f} req/s).", "",
+            "| clients | req/s | Generator replicas (max) | vs 1 fixed replica |", "|--:|--:|--:|--:|"]
+    out += [f"| {n} | {st['req_per_s']:.2f} | {st['max_generator_replicas']} | {st['req_per_s'] / one:.2f}x |"
+            for n, st in auto["per_step"].items()]
+    out += ["", f"Back to 1 Generator replica {auto['back_to_1_after_s']} s after the load stopped; non-200: "
+            f"{auto['non_200']}."]
+    return out
 
 
 def main():
@@ -219,11 +221,10 @@ def main():
     auto = autoscaled(base, a, app_args)
     serve.shutdown()
     ray.shutdown()
-    print_tables(a, enc_ms, rows, auto)
-    out = ROOT / "bench" / "results" / "serve.json"
-    out.write_text(json.dumps({**provenance(), "args": vars(a), "encoder_bare_ms": enc_ms,
-                               "rows": rows, "autoscaled": auto}, indent=1))
-    print(f"written {out.relative_to(ROOT)}")
+    lines = tables(a, enc_ms, rows, auto)
+    print("\n".join(lines))
+    data = {"args": vars(a), "encoder_bare_ms": enc_ms, "rows": rows, "autoscaled": auto}
+    print(f"written {write_results('serve', 'Serving latency, throughput and autoscaling', lines, data)}")
 
 
 if __name__ == "__main__":

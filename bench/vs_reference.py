@@ -302,6 +302,72 @@ def summarise(a, config: str, runs: dict, peaks: dict, err: float) -> dict:
             "peak_mb": peaks, "max_abs_diff_255": err, "ratio_whole": ratio_whole, "ratio_processing": ratio_phase}
 
 
+def _when(row: dict) -> str:
+    return f"{row['date']}, {row['machine']}" + (f", commit {row['commit']}" if row.get("commit") else "") + \
+        f": `{row['command']}`"
+
+
+def preprocess_markdown(result: dict) -> list[str]:
+    out = []
+    for key, r in sorted((kv for kv in result.items() if kv[0].startswith("preprocess_")),
+                         key=lambda kv: (kv[1]["series"], kv[0])):
+        config = key.split("_")[1]
+        med = {k: statistics.median(v) for k, v in r["seconds"].items()}
+        out += ["", f"### Preprocessing at {SHAPES[config]}, {r['series']} series, beside {SCRIPTS[config][1]}", "",
+                _when(r), "",
+                "| side | whole command (s) | one series: start-up + shut-down (s) | processing (volumes/s) | peak MiB |",
+                "|---|--:|--:|--:|--:|"]
+        for who, name in (("reference", f"the reference script ({r['workers']} workers)"),
+                          ("ours", f"`pipelines.preprocess --config {config}`")):
+            out.append(f"| {name} | {med[who]:.1f} | {med[who + '_1']:.1f} | {r['processing_vol_per_s'][who]:.2f} | "
+                       f"{r['peak_mb'][who]:.0f} |")
+        out.append(f"| ours / the reference | **{r['ratio_whole']:.2f}x** | | **{r['ratio_processing']:.2f}x** | |")
+        out += ["", f"Medians of {len(r['seconds']['ours'])} interleaved rounds; outputs agree within "
+                f"{r['max_abs_diff_255']:.2f}/255."]
+    return out
+
+
+def encoder_markdown(e: dict) -> list[str]:
+    rate = {k: 1 / statistics.median(v) for k, v in e["seconds_per_step"].items()}
+    out = ["", f"### DCFormer-small forward+backward, batch 1, 1x{'x'.join(map(str, e['shape']))}", "", _when(e), "",
+           f"{e['flops_per_step']['ours'] / 1e9:.1f} GFLOP per step on both sides; the same weights give the same tokens "
+           f"within {e['max_abs_diff_same_weights']:.1e}. The machine's 4096^3 matmul rate: "
+           f"{e['matmul_peak_flops']['float32'] / 1e9:.0f} GFLOP/s float32, {e['matmul_peak_flops']['bf16'] / 1e9:.0f} bf16.",
+           "", "| model | steps/s | x the reference | share of the matmul rate |", "|---|--:|--:|--:|"]
+    for k, r in rate.items():
+        peak = e["matmul_peak_flops"]["bf16" if "bf16" in k else "float32"]
+        out.append(f"| {k} | {r:.3f} | {r / rate['reference']:.2f}x | {r * e['flops_per_step']['ours'] / peak:.0%} |")
+    return out
+
+
+def stage1_markdown(key: str, s: dict) -> list[str]:
+    out = ["", f"### Stage 1 end to end{' (bf16)' if key.endswith('bf16') else ''}, batch {s['batch']}, "
+           f"{'x'.join(map(str, s['shape']))} (`bench/vs_train_clip.py`)", "", _when(s), "",
+           "| side | samples/s | ours x it |", "|---|--:|--:|"]
+    for k, v in s["samples_per_s"].items():
+        out.append(f"| {k} | {v:.3f} | {s['samples_per_s']['ours'] / v:.2f}x |")
+    return out
+
+
+SHAPES = {"m3d": "32x256x256", "paper": "128x256x256"}
+
+
+def write_report(result: dict) -> Path:
+    """bench/results/vs_reference.md from every row of vs_reference.json (each with its own date and command)."""
+    from record import write_markdown
+
+    lines = ["Our code beside the reference code itself (M3D's and Med3DVLM's scripts and models, run from copies of "
+             "their repositories in a harness), on the same inputs and machine. What each side runs: the docstrings "
+             "of `bench/vs_reference.py` and `bench/vs_train_clip.py`. Each table carries the run it came from."]
+    lines += preprocess_markdown(result)
+    if "encoder" in result:
+        lines += encoder_markdown(result["encoder"])
+    for key in ("stage1_end_to_end", "stage1_end_to_end_bf16"):
+        if key in result:
+            lines += stage1_markdown(key, result[key])
+    return write_markdown("vs_reference", "Beside the reference code", "\n".join(lines))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--med3dvlm", type=Path, help="a copy of mirthAI/Med3DVLM (work tree or git mirror)")
@@ -316,13 +382,18 @@ def main():
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="the reference scripts' worker count")
     ap.add_argument("--ref-python", default=sys.executable, help="interpreter for the reference scripts")
     ap.add_argument("--ref-path", help="extra import path for them (e.g. `pip install --target DIR unidecode SimpleITK`)")
+    ap.add_argument("--report-only", action="store_true", help="only write vs_reference.md from vs_reference.json")
     a = ap.parse_args()
+    out = ROOT / "bench" / "results" / "vs_reference.json"
+    if a.report_only:
+        return print(f"-> {write_report(json.loads(out.read_text()))}")
     if not (a.med3dvlm or a.m3d):
         ap.error("give --med3dvlm and/or --m3d (local copies of the reference repositories)")
-    out = ROOT / "bench" / "results" / "vs_reference.json"
     result = json.loads(out.read_text()) if out.is_file() else {}  # rows not re-run this time are kept
     result = {k: v for k, v in result.items() if k == "encoder" or k.startswith(("preprocess_", "stage1_end_to_end"))}
-    common = {"date": time.strftime("%Y-%m-%d"), "machine": f"this project's {os.cpu_count()}-core CPU box"}
+    from record import provenance
+
+    common = {k: v for k, v in provenance().items() if k != "command"}
     if a.med3dvlm and not a.skip_encoder:
         result["encoder"] = {**common, "command": "python bench/vs_reference.py --med3dvlm MIRROR", **encoder_rows(a)}
     if a.preprocess:
@@ -331,7 +402,7 @@ def main():
         for config, row in preprocess_rows(a).items():  # one row per config and tree size
             result[f"preprocess_{config}_{a.series}"] = {**common, "command": cmd, **row}
     out.write_text(json.dumps(result, indent=1))
-    print(f"-> {out}")
+    print(f"-> {out} and {write_report(result)}")
 
 
 if __name__ == "__main__":

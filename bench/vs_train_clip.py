@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,12 +255,13 @@ def main():
     out = ROOT / "bench" / "results" / "vs_reference.json"
     result = json.loads(out.read_text()) if out.is_file() else {}
     key = "stage1_end_to_end" + ("_bf16" if a.bf16 else "")
-    result[key] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core CPU box",
-                   "command": "python bench/vs_train_clip.py " + " ".join(sys.argv[1:]),
-                   "shape": list(a.shape), "batch": a.batch, "step_seconds": runs,
+    from record import provenance
+    from vs_reference import write_report
+
+    result[key] = {**provenance(), "shape": list(a.shape), "batch": a.batch, "step_seconds": runs,
                    "samples_per_s": rate, "ratio": ratio}
     out.write_text(json.dumps(result, indent=1))
-    print(f"-> {out}")
+    print(f"-> {out} and {write_report(result)}")
 
 
 if __name__ == "__main__":

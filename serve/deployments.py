@@ -48,6 +48,15 @@ class Preprocessor:
             "seconds": time.perf_counter() - t}
 
 
+def held(module) -> dict:
+    """What a replica holds: its process id and its parameters counted by top-level part (vision, projector, llm),
+    so a check can see that each replica built only its own part."""
+    parts: dict = {}
+    for name, p in module.named_parameters():
+        parts[name.split(".")[0]] = parts.get(name.split(".")[0], 0) + p.numel()
+    return {"pid": os.getpid(), "parameters": parts}
+
+
 def per_request(run, items: list) -> list:
     """`run(items)` for a whole batch; if it fails, each item alone, so that one bad request fails only itself:
     its result is {"error": reason}."""
@@ -101,6 +110,9 @@ class Encoder:
 
     def stats(self) -> dict:
         return {"batches": len(self.batch_sizes), "max_batch": max(self.batch_sizes, default=0)}
+
+    def held(self) -> dict:
+        return held(self.vlm)
 
 
 @serve.deployment(autoscaling_config=AUTOSCALE, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=2 * BATCH,
@@ -163,6 +175,9 @@ class Generator:
             self.streams["stopped_early"] += int(worker.is_alive())
             stop.set()
             self.streams["active"] -= 1
+
+    def held(self) -> dict:
+        return held(self.vlm)
 
     def stream_stats(self) -> dict:
         """This replica's streams: open now, and closed by their caller before the answer ended."""

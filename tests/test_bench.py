@@ -28,3 +28,42 @@ def test_eval_bench_writes_its_provenance(tmp_path):
     res = json.loads(out.read_text())
     assert {"date", "machine", "commit", "command"} <= set(res) and "bench/eval.py" in res["command"]
     assert [r["batch"] for r in res["generation"]] == [1, 4, 16] and res["metrics"]
+
+
+def provenance_fields(text: str) -> None:
+    for field in ("- date: ", "- machine: ", "- commit: ", "- command: `"):
+        assert field in text, field
+
+
+def test_fuzz_bench_counts_every_example_by_outcome(tmp_path):
+    """Three campaigns at 5 examples each: every example counted under an outcome, none a crash."""
+    import re
+
+    out = tmp_path / "fuzz.md"
+    r = subprocess.run([sys.executable, "bench/fuzz.py", "--examples", "5", "--results", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    text = out.read_text()
+    provenance_fields(text)
+    counts = collections_by_campaign(text)
+    assert set(counts) == {"uploads", "configs", "trees"} and all(sum(c.values()) >= 1 for c in counts.values())
+    assert r.returncode == 0 and "crash" not in text, text
+    assert re.search(r"refused on one line: \*\*0\*\*", text)
+
+
+def collections_by_campaign(text: str) -> dict:
+    out: dict = {}
+    for campaign, _, outcome, n in (row.strip("|").split("|") for row in text.splitlines()
+                                    if row.startswith("| ") and row.count("|") == 5 and "campaign" not in row):
+        out.setdefault(campaign.strip(), {})[outcome.strip()] = int(n)
+    return out
+
+
+def test_lone_step_bench_names_its_baseline(tmp_path):
+    """At a tiny shape (labelled as tiny): one fp32 row with the reference's rate read from vs_reference.json."""
+    out = tmp_path / "lone_step.md"
+    subprocess.run([sys.executable, "bench/lone_step.py", "--shape", "8", "32", "32", "--steps", "1", "--warmup", "0",
+                    "--tokens", "16", "--precision", "fp32", "--results", str(out)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    text = out.read_text()
+    provenance_fields(text)
+    assert "| fp32 |" in text and "vs_train_clip.py" in text and "A tiny-config run" in text

@@ -1,5 +1,6 @@
 """The package as a user installs it: a wheel built from this checkout, installed into a fresh virtual environment
-whose dependencies are the same pinned wheels (this environment's, offline), must run its console script."""
+whose dependencies are the same pinned wheels (this environment's, offline), must run its console script; and its
+declared pins, resolved by pip from the package index into an empty environment, must resolve together."""
 
 import os
 import re
@@ -15,9 +16,8 @@ def run(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
 
 
-def test_wheel_installs_into_a_fresh_venv_and_its_console_script_runs(tmp_path):
-    import sysconfig
-
+def build_wheel(tmp_path: Path) -> tuple[Path, dict]:
+    """The wheel of this checkout's tracked files, and its pins (Requires-Dist name -> version)."""
     import shutil
 
     src = tmp_path / "src"  # the checkout's tracked files only: a stale build/ folder would leak into the wheel
@@ -40,6 +40,36 @@ def test_wheel_installs_into_a_fresh_venv_and_its_console_script_runs(tmp_path):
         assert not missing, missing  # every module of the checkout is in the wheel
     requires = dict(re.findall(r"^Requires-Dist: ([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^\s;]+)\s*$", meta, re.M))
     assert {"torch", "ray", "transformers", "deepspeed", "fastapi"} <= set(requires), meta[:2000]
+    return wheel, requires
+
+
+def test_the_pins_resolve_together_from_the_index(tmp_path):
+    """`pip install --dry-run --report` of the wheel into an empty virtual environment, dependencies included, from
+    the index pip is configured with (here the machine's local registry; on a stock machine PyPI): every pin is
+    resolved at its pinned version, with everything it needs, or pip refuses (the conflict is the failure)."""
+    import json
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.utils import canonicalize_name
+
+    wheel, requires = build_wheel(tmp_path)
+    venv = tmp_path / "empty"
+    assert run([sys._base_executable, "-m", "venv", str(venv)]).returncode == 0
+    r = run([str(venv / "bin" / "python"), "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
+             "--report", str(tmp_path / "report.json"), str(wheel)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"]
+           for i in json.loads((tmp_path / "report.json").read_text())["install"]}
+    off = {k: (v, got.get(canonicalize_name(k))) for k, v in requires.items()
+           if got.get(canonicalize_name(k)) not in SpecifierSet(f"=={v}")}
+    assert not off, off  # name -> (pinned, resolved)
+    assert len(got) > len(requires)  # their own dependencies came too: nothing borrowed from this environment
+
+
+def test_wheel_installs_into_a_fresh_venv_and_its_console_script_runs(tmp_path):
+    import sysconfig
+
+    wheel, requires = build_wheel(tmp_path)
 
     venv = tmp_path / "venv"
     assert run([sys._base_executable, "-m", "venv", str(venv)]).returncode == 0

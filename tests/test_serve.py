@@ -67,6 +67,18 @@ def test_bad_app_arguments_are_refused_naming_the_argument(bad, words):
         build_app({"model": "/no/such/export", **bad})
 
 
+def test_each_replica_builds_only_its_own_part(served):
+    """The Encoder replica holds the DCFormer and the projector and no LLM parameter; the Generator the LLM and no
+    DCFormer or projector parameter (each counted by the replica itself, in its own process)."""
+    from ray import serve
+
+    enc = serve.get_deployment_handle("Encoder", app_name="med").held.remote().result(timeout_s=60)
+    gen = serve.get_deployment_handle("Generator", app_name="med").held.remote().result(timeout_s=60)
+    assert set(enc["parameters"]) == {"vision", "projector"} and min(enc["parameters"].values()) > 0, enc
+    assert set(gen["parameters"]) == {"llm"} and gen["parameters"]["llm"] > 0, gen
+    assert enc["pid"] != gen["pid"]
+
+
 def test_health_docs_and_page(served):
     h = requests.get(served + "/healthz", timeout=30).json()
     assert h["status"] == "ok" and h["retrieval"] is True and h["model"]["encoder"] == "nano"
