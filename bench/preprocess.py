@@ -54,6 +54,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--volumes", type=int, default=16)
     ap.add_argument("--shape", type=int, nargs=3, default=(32, 256, 256))
+    ap.add_argument("--results", default=None, help="default bench/results/preprocess.md")
     args = ap.parse_args()
     shape = tuple(args.shape)
     cores = os.cpu_count() or 1
@@ -114,7 +115,7 @@ def main():
               f"Ray worker {peak_worker:.0f} MiB. Reading and decoding the slices alone bounds a worker's rate: "
               f"{decode_rate:.2f} volumes/s per core here, against {one_rate:.2f} for the whole transform."]
     print("\n".join(lines))
-    print(f"-> {write_markdown('preprocess', 'Preprocessing throughput per core', chr(10).join(lines))}")
+    print(f"-> {write_markdown('preprocess', 'Preprocessing throughput per core', chr(10).join(lines), Path(args.results) if args.results else None)}")
 
 
 if __name__ == "__main__":

@@ -131,6 +131,7 @@ def main():
     ap.add_argument("--work", default="/tmp/m3d-scale")
     ap.add_argument("--keep", action="store_true", help="keep the tree and shards")
     ap.add_argument("--first-only", action="store_true", help="only the first run (the machinery at this count)")
+    ap.add_argument("--results", default=None, help="default bench/results/scale.json (scale.md beside it)")
     a = ap.parse_args()
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -146,7 +147,7 @@ def main():
     print("[scale] first run:", json.dumps(result["first_run"]), flush=True)
     print("\n".join(first["lines"][-12:]))
     if a.first_only:
-        return save(result, work, a.keep)
+        return save(result, work, a.keep, a.results)
     again = run_preprocess(raw, out)
     result["rerun_no_change"] = figures(again, out)
     kill_dir = work / "killed"  # the same tree, a run killed after a third of its shards, then resumed
@@ -164,18 +165,18 @@ def main():
         print(f"[scale] {k}: processed {result[k]['processed_shards']} of {result[k]['shards_tasks']} shards, "
               f"{result[k]['wall_s']} s", flush=True)
     print("[scale] kill and resume:", json.dumps(result["kill_and_resume"]))
-    save(result, work, a.keep)
+    save(result, work, a.keep, a.results)
 
 
-def save(result: dict, work: Path, keep: bool) -> None:
+def save(result: dict, work: Path, keep: bool, results: str | None = None) -> None:
     """bench/results/scale.json: this run's row under its series count; the other counts' rows are kept when this
     script wrote them (they carry its provenance). bench/results/scale.md: every row, rendered."""
-    f = ROOT / "bench" / "results" / "scale.json"
+    f = Path(results) if results else ROOT / "bench" / "results" / "scale.json"
     rows = json.loads(f.read_text()) if f.is_file() else {}
     rows = {k: v for k, v in rows.items() if k.startswith("at_") and {"date", "machine", "commit"} <= set(v)}
     rows[f"at_{result['series']}_series"] = result
     f.write_text(json.dumps(rows, indent=1))
-    write_markdown("scale", "The data path at M3D's count", "\n".join(markdown(rows)))
+    write_markdown("scale", "The data path at M3D's count", "\n".join(markdown(rows)), f.with_suffix(".md"))
     print(f"-> {f} and scale.md")
     if not keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -67,3 +67,29 @@ def test_lone_step_bench_names_its_baseline(tmp_path):
     text = out.read_text()
     provenance_fields(text)
     assert "| fp32 |" in text and "vs_train_clip.py" in text and "A tiny-config run" in text
+
+
+def test_scale_bench_writes_its_rows_and_their_markdown(tmp_path):
+    """The machinery at 20 series: the JSON row carries what it wrote (not what it was asked) and its provenance; the
+    markdown beside it renders that row."""
+    import json
+
+    out = tmp_path / "scale.json"
+    subprocess.run([sys.executable, "bench/scale.py", "--series", "20", "--qa", "30", "--first-only", "--work",
+                    str(tmp_path / "work"), "--results", str(out)], cwd=ROOT, check=True, capture_output=True,
+                   timeout=600)
+    row = json.loads(out.read_text())["at_20_series"]
+    assert {"date", "machine", "commit", "command"} <= set(row) and row["qa_rows_written"] == 30
+    assert row["first_run"]["volumes"] == 20
+    text = out.with_suffix(".md").read_text()
+    provenance_fields(text)
+    assert "### 20 series, 30 VQA rows" in text and "| first run |" in text
+
+
+def test_preprocess_bench_writes_its_table(tmp_path):
+    out = tmp_path / "preprocess.md"
+    subprocess.run([sys.executable, "bench/preprocess.py", "--volumes", "2", "--shape", "8", "32", "32", "--results",
+                    str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    text = out.read_text()
+    provenance_fields(text)
+    assert "not the reference script" in text and "reading and decoding the slices alone" in text
