@@ -9,6 +9,7 @@ peak (989 TFLOP/s). Prints a table and writes JSON to $OUT (or ./bench/results).
 
     python bench/gpu_stages.py            # on a GPU machine
     python bench/gpu_stages.py --smoke    # tiny shapes on CPU, to check the script
+    python bench/gpu_stages.py --report   # bench/results/gpu.md from every gpu_stages_*.json there
 """
 
 import argparse
@@ -180,7 +181,9 @@ def main():
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK.items() if k in name), 989e12)
     print(f"device {name}, torch {torch.__version__}, input 1x{'x'.join(map(str, shape))}", flush=True)
-    results = {"device": name, "torch": torch.__version__, "shape": shape, "peak_flops": peak, "rows": []}
+    results = {"device": name, "torch": torch.__version__, "shape": shape, "peak_flops": peak, "rows": [],
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "command": " ".join(["python", *sys.argv])}
     t0 = time.time()
     m1 = stage1_model(shape, dev, args.smoke)
     if args.compile:
@@ -214,5 +217,39 @@ def main():
             print(f"| {r['stage']} | {r['batch']} | {r['samples_per_s']} | {r['tflops_per_s']} | {100 * r['mfu']:.1f}% | {r['peak_mem_gib']} |")
 
 
+FIRST_RUNS = "2026-11-27"  # the files written before the script recorded its date and command
+
+
+def report(results: Path) -> Path:
+    """gpu.md: one table per gpu_stages_*.json (what ran, on which device and torch, when and how)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from record import write_markdown
+
+    lines = ["Stage-1 and stage-3 training steps on one GPU at 1x128x256x256, bf16 autocast, synthetic tensors (no Ray "
+             "or DeepSpeed on the lent machine); FLOPs by torch's FlopCounterMode, MFU against the card's dense bf16 "
+             "peak. Each table is one run of `bench/gpu_stages.py` on the lent machine, from the JSON file it wrote."]
+    for f in sorted(results.glob("gpu_stages*.json*")):
+        if f.suffix == ".jsonl":  # the per-row lines the script printed, kept from its output
+            d = {"device": "the same machine", "torch": "the same torch", "stage1_params_m": "the same", "wall_s": "?",
+                 "command": "python bench/gpu_stages.py (its printed rows, saved)",
+                 "rows": [json.loads(x) for x in f.read_text().splitlines() if x.strip()]}
+        else:
+            d = json.loads(f.read_text())
+        layout = ("channels_last_3d" if d.get("channels_last") else "NCDHW") + (" + torch.compile" if d.get("compile") else "")
+        lines += ["", f"### {f.name}: {d['device']}, torch {d['torch']}, {layout}", "",
+                  f"{d.get('date', FIRST_RUNS)}: `{d.get('command', 'python bench/gpu_stages.py (flags: see the layout)')}`; "
+                  f"stage-1 model {d['stage1_params_m']} M parameters"
+                  + (f", stage 3 {d['stage3_params_m']} M ({d['stage3_trainable_m']} M trainable)" if "stage3_params_m" in d else "")
+                  + f"; {d['wall_s']} s.", "", "| stage | batch | samples/s | TFLOP/s | MFU | peak GiB |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['stage']} | {r['batch']} | OOM | | | |" if r.get("oom") else
+                  f"| {r['stage']} | {r['batch']} | {r['samples_per_s']} | {r['tflops_per_s']} | {100 * r['mfu']:.1f}% | "
+                  f"{r['peak_mem_gib']} |" for r in d["rows"]]
+    return write_markdown("gpu", "Training steps on one GPU", "\n".join(lines), results / "gpu.md")
+
+
 if __name__ == "__main__":
-    main()
+    if "--report" in sys.argv:
+        print(f"-> {report(Path(__file__).parent / 'results')}")
+    else:
+        main()
