@@ -79,12 +79,18 @@ def main():
     args = {"shape": a.shape, "batch": a.batch, "steps": a.steps, "threads": a.threads}
     ours = "the workers' settings (KEEP_FREED_MEMORY)"
     rows = {"glibc defaults": measure(args, {}), ours: measure(args, KEEP_FREED_MEMORY)}
-    print(f"DCFormer-small fwd+bwd + AdamW, batch {a.batch}, {'x'.join(map(str, a.shape))}, {a.threads} threads, "
-          f"in a thread; median of {a.steps} steps")
-    print("| allocator | s/step | page faults/step | kernel s/step | peak RSS (MB) |\n|---|--:|--:|--:|--:|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['step_s']:.2f} | {r['faults']:,.0f} | {r['sys_s']:.2f} | {r['peak_rss_mb']:,.0f} |")
-    print(f"speed-up against glibc's defaults: {rows['glibc defaults']['step_s'] / rows[ours]['step_s']:.2f}x")
+    lines = [f"DCFormer-small fwd+bwd + AdamW, batch {a.batch}, {'x'.join(map(str, a.shape))}, {a.threads} threads, "
+             f"in a thread; median of {a.steps} steps.", "",
+             "| allocator | s/step | page faults/step | kernel s/step | peak RSS (MB) |", "|---|--:|--:|--:|--:|"]
+    lines += [f"| {name} | {r['step_s']:.2f} | {r['faults']:,.0f} | {r['sys_s']:.2f} | {r['peak_rss_mb']:,.0f} |"
+              for name, r in rows.items()]
+    lines += ["", f"Speed-up against glibc's defaults (the baseline): "
+              f"{rows['glibc defaults']['step_s'] / rows[ours]['step_s']:.2f}x."]
+    print("\n".join(lines))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from record import write_markdown
+
+    print(f"-> {write_markdown('allocator', 'The train workers allocator settings', chr(10).join(lines))}")
 
 
 if __name__ == "__main__":

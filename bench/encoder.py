@@ -2,8 +2,7 @@
 
 Baseline: MONAI's ViT with M3D-LaMed's shape (patch 4x16x16 -> 2048 tokens, width 768, 12 layers, 12 heads).
 Each row: samples/s for a batch-1 forward+backward (2 threads by default), forward FLOPs per sample, and the
-ratio to the ViT. Reference figures (README, "Benchmarks"):
-DCFormer-small 1.65 samples/s, nano 5.6-6.7, tiny 1.3-1.75; ViT 0.046.
+ratio to the ViT. Writes bench/results/encoder.md.
 
     .venv/bin/python bench/encoder.py [--threads 2] [--steps 5]
 """
@@ -66,11 +65,16 @@ def main():
     v = vit().train()
     rows.append(("3D ViT (M3D-LaMed)", sum(p.numel() for p in v.parameters()), fwd_flops(v, x), time_fwd_bwd(v, x, args.vit_steps)))
     base = rows[-1][3]
-    print(f"\ninput 1x{'x'.join(map(str, args.shape))}, batch 1 forward+backward, {args.threads} threads, torch {torch.__version__}")
-    print("| model | params (M) | fwd GFLOPs/sample | samples/s | x ViT |")
-    print("|---|---:|---:|---:|---:|")
-    for name, n, fl, sps in rows:
-        print(f"| {name} | {n / 1e6:.3f} | {fl / 1e9:.1f} | {sps:.3f} | {sps / base:.1f}x |")
+    lines = [f"Input 1x{'x'.join(map(str, args.shape))}, batch 1 forward+backward, {args.threads} threads, torch "
+             f"{torch.__version__}. Baseline of the ratio: M3D-LaMed's 3D ViT shape (MONAI's ViT, patch 4x16x16, "
+             f"width 768, 12 layers).", "", "| model | params (M) | fwd GFLOPs/sample | samples/s | x ViT |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {n / 1e6:.3f} | {fl / 1e9:.1f} | {sps:.3f} | {sps / base:.1f}x |" for name, n, fl, sps in rows]
+    print("\n".join(lines))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from record import write_markdown
+
+    print(f"-> {write_markdown('encoder', 'DCFormer beside the 3D ViT, forward+backward on this CPU', chr(10).join(lines))}")
 
 
 if __name__ == "__main__":
