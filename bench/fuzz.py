@@ -152,7 +152,7 @@ class Trees:
                 items, _ = build_manifest(raw)
             except ManifestError as e:
                 return "refused" if "\n" not in str(e) else "refused on several lines"
-            unexplained = [it for it in items if it.error is None and not Path(it.path).resolve().is_relative_to(raw)]
+            unexplained = [it for it in items if it.error is None and not Path(it.source).resolve().is_relative_to(raw)]
             return "built" if not unexplained else "built with a path outside the root"
         finally:
             shutil.rmtree(raw, ignore_errors=True)

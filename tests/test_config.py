@@ -87,6 +87,8 @@ def test_evaluation_numbers_out_of_range_or_of_the_wrong_type_are_refused(extra,
     ("train.stage2.lr=-1e-4", "'train.stage2.lr' is -0.0001; it must be above 0"),
     ("train.stage1.lr=.nan", "'train.stage1.lr' is nan"), ("train.zero_stage=4", "at least 0 and at most 3"),
     ("train.stage3.warmup_ratio=1.5", "'train.stage3.warmup_ratio'"), ("train.cpus_per_worker=0", "above 0"),
+    ("train.stage1=5", "'train.stage1' is a group of settings; it expects a mapping, got 5"),  # found by bench/fuzz.py
+    ("tra\nin.seed=1", "unknown config key 'tra\\nin'"),  # a key with a line break is shown on one line
 ])
 def test_numbers_a_run_cannot_start_with_are_refused_naming_the_key(override, words):
     with pytest.raises(ValueError, match=re.escape(words)):

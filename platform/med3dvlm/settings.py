@@ -50,7 +50,7 @@ class Spelling:
     flag: bool = False
 
     def name(self, key: str) -> str:
-        return "--" + key.replace("_", "-") if self.flag else f"{self.what} '{key}'"
+        return "--" + key.replace("_", "-") if self.flag else f"{self.what} {key!r}"
 
 
 CONFIG, FLAGS, ARGS = Spelling("config key"), Spelling("setting", flag=True), Spelling("argument")
@@ -88,18 +88,18 @@ def parse_overrides(overrides: list[str], empty="") -> dict:
     nested: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override '{item}' is not of the form key=value")
+            raise ValueError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw else empty
         except yaml.YAMLError as e:
-            raise ValueError(f"override '{item}': the value is not valid YAML ({yaml_error_line(e)})") from None
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({yaml_error_line(e)})") from None
         node = nested
         parts = key.strip().split(".")
         for p in parts[:-1]:
             child = node.setdefault(p, {})
             if not isinstance(child, dict):
-                raise ValueError(f"override '{item}' sets a key inside '{p}', which another override sets to {child!r}")
+                raise ValueError(f"override {item!r} sets a key inside {p!r}, which another override sets to {child!r}")
             node = child
         node[parts[-1]] = value
     return nested
@@ -121,6 +121,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     """`value` as type `tp`; ValueError with `name` (the setting as its refusals spell it). Text is accepted for numbers
     and booleans (flags and Serve's `key=value` arguments arrive as text) and comma-separated for tuples."""
     origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):  # a group of settings given a single value
+        raise ValueError(f"{name} is a group of settings; it expects a mapping, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         kinds = [a for a in get_args(tp) if a is not type(None)]
         return None if value is None else _coerce(kinds[0], value, name)
@@ -184,7 +186,7 @@ def _from_dict(cls, data: dict, sp: Spelling, prefix: str = "", base=None, root=
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else k
         if k not in fields:
-            raise ValueError(f"unknown {sp.what} '{key}'{_suggest(root or cls, cls, k, prefix)}")
+            raise ValueError(f"unknown {sp.what} {key!r}{_suggest(root or cls, cls, k, prefix)}")
         if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
             under = getattr(base, k) if base is not None else _default(fields[k])
             values[k] = _from_dict(hints[k], v, sp, key, under, root or cls)
