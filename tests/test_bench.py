@@ -93,3 +93,16 @@ def test_preprocess_bench_writes_its_table(tmp_path):
     text = out.read_text()
     provenance_fields(text)
     assert "not the reference script" in text and "reading and decoding the slices alone" in text
+
+
+def test_data_feed_bench_writes_json_and_markdown(tmp_path):
+    import json
+
+    out = tmp_path / "data_feed.json"
+    subprocess.run([sys.executable, "bench/data_feed.py", "--volumes", "16", "--shape", "8", "32", "32", "--batches",
+                    "1", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert {"date", "machine", "commit", "command"} <= set(res) and [r["stage"] for r in res["rows"]] == [1, 2]
+    text = out.with_suffix(".md").read_text()
+    provenance_fields(text)
+    assert "| 1 |" in text and "| 2 |" in text
