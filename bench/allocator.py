@@ -73,6 +73,7 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--results", default=None, help="default bench/results/allocator.md")
     a = ap.parse_args()
     from med3dvlm.runtime import KEEP_FREED_MEMORY
 
@@ -90,7 +91,7 @@ def main():
     sys.path.insert(0, str(Path(__file__).parent))
     from record import write_markdown
 
-    print(f"-> {write_markdown('allocator', 'The train workers allocator settings', chr(10).join(lines))}")
+    print(f"-> {write_markdown('allocator', 'The train workers allocator settings', chr(10).join(lines), Path(a.results) if a.results else None)}")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 from med3dvlm.models.dcformer import build_dcformer  # noqa: E402
 
 
-def vit():
+def vit(shape=(32, 256, 256)):
     from monai.networks.nets import ViT
 
-    return ViT(in_channels=1, img_size=(32, 256, 256), patch_size=(4, 16, 16), hidden_size=768, mlp_dim=3072,
+    return ViT(in_channels=1, img_size=tuple(shape), patch_size=(4, 16, 16), hidden_size=768, mlp_dim=3072,
                num_layers=12, num_heads=12, classification=True, qkv_bias=False)
 
 
@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--vit-steps", type=int, default=2)
     ap.add_argument("--shape", type=int, nargs=3, default=(32, 256, 256))
+    ap.add_argument("--results", default=None, help="default bench/results/encoder.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -62,7 +63,7 @@ def main():
     for name in ("nano", "tiny", "small"):
         m = build_dcformer(name).train()
         rows.append((f"DCFormer-{name}", m.num_params(), m.estimate_flops(tuple(args.shape)), time_fwd_bwd(m, x, args.steps)))
-    v = vit().train()
+    v = vit(args.shape).train()
     rows.append(("3D ViT (M3D-LaMed)", sum(p.numel() for p in v.parameters()), fwd_flops(v, x), time_fwd_bwd(v, x, args.vit_steps)))
     base = rows[-1][3]
     lines = [f"Input 1x{'x'.join(map(str, args.shape))}, batch 1 forward+backward, {args.threads} threads, torch "
@@ -74,7 +75,7 @@ def main():
     sys.path.insert(0, str(Path(__file__).parent))
     from record import write_markdown
 
-    print(f"-> {write_markdown('encoder', 'DCFormer beside the 3D ViT, forward+backward on this CPU', chr(10).join(lines))}")
+    print(f"-> {write_markdown('encoder', 'DCFormer beside the 3D ViT, forward+backward on this CPU', chr(10).join(lines), Path(args.results) if args.results else None)}")
 
 
 if __name__ == "__main__":

@@ -106,3 +106,18 @@ def test_data_feed_bench_writes_json_and_markdown(tmp_path):
     text = out.with_suffix(".md").read_text()
     provenance_fields(text)
     assert "| 1 |" in text and "| 2 |" in text
+
+
+def test_encoder_and_allocator_benches_write_their_tables(tmp_path):
+    """At a tiny shape (the figures mean nothing there; the files' fields and rows are what is checked)."""
+    # the smallest shapes whose deepest DCFormer stage keeps more than one value per channel for BatchNorm
+    for script, extra, row in (("encoder.py", ["--shape", "32", "128", "128", "--steps", "1", "--vit-steps", "1"],
+                                "| 3D ViT (M3D-LaMed) |"),
+                               ("allocator.py", ["--shape", "32", "64", "64", "--steps", "1", "--batch", "2"],
+                                "| glibc defaults |")):
+        out = tmp_path / script.replace(".py", ".md")
+        subprocess.run([sys.executable, f"bench/{script}", *extra, "--results", str(out)], cwd=ROOT, check=True,
+                       capture_output=True, timeout=300)
+        text = out.read_text()
+        provenance_fields(text)
+        assert row in text, text
