@@ -102,7 +102,8 @@ def main(argv=None):
         print(lines[-1], flush=True)
     lines += ["", "The reference rate is the median steady step of Med3DVLM's recipe (DeepSpeed ZeRO-2, the first "
               "step of each round left out) as `bench/vs_train_clip.py` measured it on this machine and wrote it to "
-              "`vs_reference.json`: " + "; ".join(sources) + "."]
+              "`vs_reference.json`: " + "; ".join(sources) + ". Not side by side: the reference ran then, this "
+              "script now; `bench/vs_train_clip.py` runs both sides together, end to end."]
     if tuple(args.shape) != (128, 256, 256):
         lines += ["", f"**A tiny-config run** ({'x'.join(map(str, args.shape))}): its ratio does not compare with "
                   f"the reference's 128x256x256 rate."]
