@@ -151,11 +151,13 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         except ValueError:
             raise ValueError(f"{name} expects a number, got {value!r}") from None
     if tp is int:
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            return int(value)
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ValueError(f"{name} expects a whole number, got {value!r}")
-        return int(value)
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        try:
+            if isinstance(value, str) or (whole and not isinstance(value, bool)):
+                return int(value)
+        except ValueError:
+            pass
+        raise ValueError(f"{name} expects a whole number, got {value!r}")
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads on/off (and yes/no) as booleans; text settings spell them on/off
             return "on" if value else "off"
