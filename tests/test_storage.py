@@ -269,12 +269,13 @@ def test_apps_that_preprocess_differently_keep_uploads_apart(tmp_path):
     import numpy as np
 
     from med3dvlm.io.volume_store import VolumeStore
-    from serve.app import upload_store
+    from serve.app import AppSettings, upload_store
 
     prep = {"input_shape": [32, 64, 64], "window": [-1000, 1000], "window_mode": "minmax"}
-    small = upload_store({"uploads": str(tmp_path)}, prep)
-    large = upload_store({"uploads": str(tmp_path)}, {**prep, "input_shape": [128, 256, 256]})
-    assert small["root"] != large["root"] and small == upload_store({"uploads": str(tmp_path)}, dict(prep))
+    app = AppSettings(uploads=str(tmp_path))
+    small = upload_store(app, prep)
+    large = upload_store(app, {**prep, "input_shape": [128, 256, 256]})
+    assert small["root"] != large["root"] and small == upload_store(app, dict(prep))
     assert all(s["root"].startswith(str(tmp_path)) for s in (small, large))
     vid = VolumeStore(small["root"], max_stored=1).put({"volume": np.zeros((32, 64, 64), np.uint8), "info": {},
                                                         "name": "a.npy"})
