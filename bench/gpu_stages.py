@@ -249,7 +249,7 @@ def report(results: Path) -> Path:
 
 
 if __name__ == "__main__":
-    if "--report" in sys.argv:
-        print(f"-> {report(Path(__file__).parent / 'results')}")
+    if "--report" in sys.argv:  # from the folder the runs wrote to ($OUT, or bench/results)
+        print(f"-> {report(Path(os.environ.get('OUT', Path(__file__).parent / 'results')))}")
     else:
         main()

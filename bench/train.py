@@ -37,6 +37,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--cases", type=int, default=24)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--out", default=None, help="default bench/results/train.json (train.md beside it)")
     a = p.parse_args()
     from med3dvlm.data.synthetic import write_m3d_tree
     from med3dvlm.data.preprocess import preprocess
@@ -46,7 +48,7 @@ def main():
     write_m3d_tree(work / "raw", cases=a.cases, seed=0)
     init_ray()
     rows = []
-    for name, (preset, overrides) in CONFIGS.items():
+    for name, (preset, overrides) in ((n, CONFIGS[n]) for n in a.configs):
         ov = overrides + [f"train.stage{s}.max_steps={a.steps}" for s in (1, 2, 3)] + \
             [f"train.stage{s}.epochs=1000" for s in (1, 2, 3)] + ["train.max_failures=0"]
         cfg = load_config(preset, ov)
@@ -74,7 +76,7 @@ def main():
                      f"{100 * r['data_wait_fraction']:.0f}% | {r['samples_per_s'] / base['samples_per_s']:.2f}x | "
                      f"{r['wall_s']:.0f} |")
     print("\n".join(lines))
-    print(f"written {write_results('train', 'Training throughput per stage', lines, {'args': vars(a), 'rows': rows})}")
+    print(f"written {write_results('train', 'Training throughput per stage', lines, {'args': vars(a), 'rows': rows}, a.out)}")
 
 
 if __name__ == "__main__":

@@ -121,3 +121,32 @@ def test_encoder_and_allocator_benches_write_their_tables(tmp_path):
         text = out.read_text()
         provenance_fields(text)
         assert row in text, text
+
+
+def test_train_bench_at_its_smallest(tmp_path):
+    """The tiny config, one step per stage, through Ray Train and DeepSpeed as the full bench runs them."""
+    import json
+
+    out = tmp_path / "train.json"
+    subprocess.run([sys.executable, "bench/train.py", "--steps", "1", "--cases", "24", "--configs", "tiny", "--out",
+                    str(out)], cwd=ROOT, check=True, capture_output=True, timeout=900)
+    res = json.loads(out.read_text())
+    assert {"date", "machine", "commit", "command"} <= set(res) and [r["stage"] for r in res["rows"]] == [1, 2, 3]
+    provenance_fields(out.with_suffix(".md").read_text())
+
+
+def test_gpu_stages_smoke_run_and_its_report(tmp_path):
+    """`--smoke` (tiny shapes on this CPU) writes its JSON with its date and command; `--report` renders the folder."""
+    import json
+    import os
+
+    env = {**os.environ, "OUT": str(tmp_path)}
+    subprocess.run([sys.executable, "bench/gpu_stages.py", "--smoke"], cwd=ROOT, check=True, capture_output=True,
+                   timeout=600, env=env)
+    res = json.loads((tmp_path / "gpu_stages_smoke.json").read_text())
+    assert {"date", "command"} <= set(res) and {r["stage"] for r in res["rows"]} == {1, 3}
+    subprocess.run([sys.executable, "bench/gpu_stages.py", "--report"], cwd=ROOT, check=True, capture_output=True,
+                   timeout=120, env=env)
+    text = (tmp_path / "gpu.md").read_text()
+    provenance_fields(text)
+    assert "### gpu_stages_smoke.json" in text and "--smoke" in text
