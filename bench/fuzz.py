@@ -22,7 +22,6 @@ import csv
 import json
 import os
 import shutil
-import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -35,29 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' builders of valid uploads
 
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-
-def mutate(data: bytes, edits) -> bytes:
-    b = bytearray(data)
-    for kind, pos, val in edits:
-        if not b:
-            break
-        i = pos % len(b)
-        if kind == "flip":
-            b[i] ^= 1 << (val % 8)
-        elif kind == "set":
-            b[i] = val % 256
-        elif kind == "cut":
-            del b[i:]
-        elif kind == "word":
-            b[i:i + 8] = struct.pack("<q", [2**63 - 1, -2**63, 0, -1, 2**31][val % 5])
-        else:
-            b[i:i + 4] = struct.pack("<f", [float("inf"), float("nan"), -1e38, 1e-45][val % 4])
-    return bytes(b)
-
-
-EDITS = st.lists(st.tuples(st.sampled_from(["flip", "set", "cut", "word", "float"]), st.integers(0, 1 << 20),
-                           st.integers(0, 255)), min_size=1, max_size=6)
+from uploads import EDITS, edited  # noqa: E402  (the byte edits of tests/test_hostile.py's fuzz test)
 
 
 def run(campaign, examples: int, rnd: int, tally: collections.Counter, crashes: dict):
@@ -94,7 +71,7 @@ class Uploads:
         from med3dvlm.io import VolumeError, read_upload
 
         try:
-            vol = read_upload("fuzz.bin", mutate(self.seeds[which], edits), max_bytes=1 << 20, max_unpacked=8 << 20)
+            vol = read_upload("fuzz.bin", edited(self.seeds[which], edits), max_bytes=1 << 20, max_unpacked=8 << 20)
         except VolumeError as e:
             return "refused" if "\n" not in str(e) else "refused on several lines"
         ok = vol.array.ndim == 3 and np.isfinite(vol.array.astype(np.float64)).all()

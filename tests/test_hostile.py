@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import zipfile
 
 import numpy as np
@@ -16,7 +15,7 @@ from hypothesis import strategies as st
 
 from med3dvlm.data.manifest import ManifestError, build_manifest
 from med3dvlm.io import VolumeError, read_slice_folder, read_upload
-from uploads import dicom_zip, hostile_uploads, nifti_bytes, npy_bytes, png, png_zip, volume, zip_of
+from uploads import EDITS, dicom_zip, edited, hostile_uploads, nifti_bytes, npy_bytes, png, png_zip, volume, zip_of
 
 SMALL = volume((4, 10, 12))
 
@@ -36,34 +35,11 @@ def _parses_or_refuses(data: bytes) -> None:
     assert vol.array.ndim == 3 and np.isfinite(vol.array.astype(np.float64)).all()
 
 
-def _mutate(data: bytes, edits) -> bytes:
-    b = bytearray(data)
-    for kind, pos, val in edits:
-        if not b:
-            break
-        i = pos % len(b)
-        if kind == "flip":
-            b[i] ^= 1 << (val % 8)
-        elif kind == "set":
-            b[i] = val % 256
-        elif kind == "cut":
-            del b[i:]
-        elif kind == "word":  # a header field set to an extreme 4- or 8-byte value
-            b[i:i + 8] = struct.pack("<q", [2**63 - 1, -2**63, 0, -1, 2**31][val % 5])
-        elif kind == "float":
-            b[i:i + 4] = struct.pack("<f", [float("inf"), float("nan"), -1e38, 1e-45][val % 4])
-    return bytes(b)
-
-
-EDITS = st.lists(st.tuples(st.sampled_from(["flip", "set", "cut", "word", "float"]), st.integers(0, 1 << 20),
-                           st.integers(0, 255)), min_size=1, max_size=6)
-
-
 @seed(20261128)
 @settings(max_examples=4000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(which=st.integers(0, 4), edits=EDITS)
 def test_fuzzed_uploads_parse_to_a_finite_volume_or_are_refused(seeds, which, edits):
-    _parses_or_refuses(_mutate(seeds[which], edits))
+    _parses_or_refuses(edited(seeds[which], edits))
 
 
 @seed(7)

@@ -156,3 +156,34 @@ def mutated(data: bytes, rng) -> bytes:
         else:
             b[i:i + 4] = struct.pack("<i", int(rng.choice([2**31 - 1, -2**31, 0, -1])))
     return bytes(b[: int(rng.integers(len(b) // 2, len(b) + 1))] if rng.random() < 0.3 else b)
+
+
+def edited(data: bytes, edits) -> bytes:
+    """`data` with byte edits applied in order: (kind, position, value) with kind flip, set, cut, word (an extreme
+    8-byte integer, as a header field) or float (an extreme 4-byte float); positions wrap around the length."""
+    b = bytearray(data)
+    for kind, pos, val in edits:
+        if not b:
+            break
+        i = pos % len(b)
+        if kind == "flip":
+            b[i] ^= 1 << (val % 8)
+        elif kind == "set":
+            b[i] = val % 256
+        elif kind == "cut":
+            del b[i:]
+        elif kind == "word":
+            b[i:i + 8] = struct.pack("<q", [2**63 - 1, -2**63, 0, -1, 2**31][val % 5])
+        elif kind == "float":
+            b[i:i + 4] = struct.pack("<f", [float("inf"), float("nan"), -1e38, 1e-45][val % 4])
+    return bytes(b)
+
+
+def _edits():
+    from hypothesis import strategies as st
+
+    return st.lists(st.tuples(st.sampled_from(["flip", "set", "cut", "word", "float"]), st.integers(0, 1 << 20),
+                              st.integers(0, 255)), min_size=1, max_size=6)
+
+
+EDITS = _edits()  # hypothesis strategy of `edited`'s edits (the fuzz test and bench/fuzz.py)
